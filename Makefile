@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Both create .venv with the pinned versions of requirements-dev.txt first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+FUZZ_SECONDS ?= 30
+
+.PHONY: demo test lint typecheck unit fuzz bench clean
+
+$(STAMP): pyproject.toml requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt -e '.[all]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/quickstart.py
+
+test: lint typecheck unit fuzz
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks fuzz examples
+	$(BIN)/ruff format --check src tests benchmarks fuzz examples
+
+typecheck: $(STAMP)
+	$(BIN)/mypy src/modelseal
+
+unit: $(STAMP)
+	$(BIN)/pytest
+
+fuzz: $(STAMP)
+	$(BIN)/python fuzz/fuzz_parse_header.py -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 tests/vectors/corpus
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_container.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

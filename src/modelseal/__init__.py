@@ -1,0 +1,55 @@
+"""modelseal: ship models people can run but not copy, and prove they are yours.
+
+The public API is what this module exports; everything under ``modelseal._private``
+may change without notice. ``import modelseal`` stays light: no numpy, torch,
+onnxruntime or web framework is imported until a feature that needs it is used.
+"""
+
+from .container import ContainerInfo as ContainerInfo
+from .container import EntryInfo as EntryInfo
+from .container import SealedModel as SealedModel
+from .container import inspect as inspect
+from .container import open_sealed as open_sealed
+from .container import rewrap as rewrap
+from .container import seal as seal
+from .container import verify as verify
+from .errors import FormatError as FormatError
+from .errors import IntegrityError as IntegrityError
+from .errors import ModelSealError as ModelSealError
+from .errors import SignatureError as SignatureError
+from .errors import WrongKeyError as WrongKeyError
+from .keys import Identity as Identity
+from .keys import PassphraseRecipient as PassphraseRecipient
+from .keys import Recipient as Recipient
+from .keys import SigningKey as SigningKey
+from .keys import Unwrapper as Unwrapper
+from .keys import VerifyKey as VerifyKey
+from .keys import X25519Recipient as X25519Recipient
+
+open = open_sealed  # noqa: A001 - ``modelseal.open`` is the documented name
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ContainerInfo",
+    "EntryInfo",
+    "FormatError",
+    "Identity",
+    "IntegrityError",
+    "ModelSealError",
+    "PassphraseRecipient",
+    "Recipient",
+    "SealedModel",
+    "SignatureError",
+    "SigningKey",
+    "Unwrapper",
+    "VerifyKey",
+    "WrongKeyError",
+    "X25519Recipient",
+    "inspect",
+    "open",
+    "open_sealed",
+    "rewrap",
+    "seal",
+    "verify",
+]
