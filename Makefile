@@ -29,7 +29,8 @@ unit: $(STAMP)
 	$(BIN)/pytest
 
 fuzz: $(STAMP)
-	$(BIN)/python fuzz/fuzz_parse_header.py -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 tests/vectors/corpus
+	rm -rf .fuzz-corpus && mkdir .fuzz-corpus && cp tests/vectors/*.mseal* .fuzz-corpus/
+	$(BIN)/python fuzz/fuzz_parse_header.py -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -print_final_stats=1 .fuzz-corpus
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_container.py

@@ -71,7 +71,9 @@ def test_bad_metadata_is_refused_before_writing(tmp_path: Path, seal_bytes: Seal
 def test_several_recipients_and_a_passphrase_each_open_it(
     seal_bytes: SealFn, identity: Identity, other_identity: Identity
 ) -> None:
-    path = seal_bytes(b"shared", recipients=[identity.recipient, str(other_identity.recipient)], passphrase="pw", scrypt_log_n=10)
+    path = seal_bytes(
+        b"shared", recipients=[identity.recipient, str(other_identity.recipient)], passphrase="pw", scrypt_log_n=10
+    )
     for kw in ({"identity": identity}, {"identity": other_identity}, {"passphrase": "pw"}):
         assert read_all(path, **kw) == {"model.bin": b"shared"}
     with pytest.raises(WrongKeyError):
@@ -104,7 +106,9 @@ def test_sharded_container_roundtrip_and_missing_shard(tmp_path: Path, model_dir
 
 
 def test_shards_in_the_wrong_order_are_refused(tmp_path: Path, model_dir: Path, identity: Identity) -> None:
-    modelseal.seal(model_dir, tmp_path / "m.mseal", recipients=[identity.recipient], chunk_size=SMALL_CHUNK, shard_size=5000)
+    modelseal.seal(
+        model_dir, tmp_path / "m.mseal", recipients=[identity.recipient], chunk_size=SMALL_CHUNK, shard_size=5000
+    )
     a, b = tmp_path / "m.mseal-shard2of3", tmp_path / "m.mseal-shard3of3"
     da, db = a.read_bytes(), b.read_bytes()
     a.write_bytes(db)

@@ -8,7 +8,9 @@ HEAVY = ["torch", "onnxruntime", "onnx", "numpy", "fastapi", "starlette", "uvico
 
 def test_import_pulls_in_no_heavy_module() -> None:
     code = "import sys, modelseal; print(' '.join(sorted(m.split('.')[0] for m in sys.modules)))"
-    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    loaded = set(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    )
     assert "modelseal" in loaded
     assert not loaded & set(HEAVY), f"import modelseal imported {sorted(loaded & set(HEAVY))}"
 

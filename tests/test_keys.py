@@ -25,7 +25,7 @@ def test_typo_in_a_key_string_is_caught_by_the_checksum() -> None:
     typo = r[:i] + ("A" if r[i] != "A" else "B") + r[i + 1 :]
     with pytest.raises(ValueError, match="checksum"):
         X25519Recipient.parse(typo)
-    with pytest.raises(ValueError, match="wrong length|bad base64"):
+    with pytest.raises(ValueError, match=r"wrong length|bad base64"):
         X25519Recipient.parse(r[:-3])
     with pytest.raises(ValueError, match="wrong length"):
         X25519Recipient.parse(r[:-4])

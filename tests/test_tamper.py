@@ -55,7 +55,10 @@ def test_bit_flips_in_signed_content_fail_keyless_verification(small: Path, sign
     h = _header(small)
     target = tmp_path / "flipped.mseal"
     manifest_start = fmt.PREFIX_LEN + 4
-    signed_ranges = [range(manifest_start, manifest_start + len(h.manifest_bytes)), range(h.header_end, h.trailer_mac_offset)]
+    signed_ranges = [
+        range(manifest_start, manifest_start + len(h.manifest_bytes)),
+        range(h.header_end, h.trailer_mac_offset),
+    ]
     for r in signed_ranges:
         for pos in r:
             mutated = bytearray(data)
@@ -189,9 +192,7 @@ def test_stream_reader_stops_at_the_first_bad_chunk(small: Path, identity: Ident
             f.read()
 
 
-def test_signed_hash_mismatch_is_caught_during_decryption(
-    small: Path, identity: Identity, signer: SigningKey
-) -> None:
+def test_signed_hash_mismatch_is_caught_during_decryption(small: Path, identity: Identity, signer: SigningKey) -> None:
     """require_signer checks each chunk's signed hash in the decryption pass itself."""
     from modelseal._private import crypto
 

@@ -60,7 +60,5 @@ def test_every_format_rule_has_a_vector() -> None:
 
 def test_committed_vectors_are_reproduced_exactly() -> None:
     """The deterministic seam still produces the committed bytes: the format has not drifted."""
-    proc = subprocess.run(
-        [sys.executable, str(VECTORS / "generate.py")], capture_output=True, text=True, check=False
-    )
+    proc = subprocess.run([sys.executable, str(VECTORS / "generate.py")], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr

@@ -141,7 +141,9 @@ PassphraseOpt = Annotated[
 
 @_command
 def keygen(
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the secret key here (mode 0600).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the secret key here (mode 0600).")
+    ] = None,
     signing: Annotated[bool, typer.Option("--signing", help="Make a publisher signing key (Ed25519).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing key file.")] = False,
 ) -> None:
@@ -160,7 +162,9 @@ def keygen(
 def seal(
     src: Annotated[Path, typer.Argument(help="Model file or directory.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Container to write.")],
-    recipient: Annotated[list[str] | None, typer.Option("--recipient", "-r", help="mseal-x25519:... (repeatable)")] = None,
+    recipient: Annotated[
+        list[str] | None, typer.Option("--recipient", "-r", help="mseal-x25519:... (repeatable)")
+    ] = None,
     recipients_file: Annotated[
         list[Path] | None, typer.Option("--recipients-file", "-R", help="File of recipients, one per line.")
     ] = None,

@@ -26,7 +26,7 @@ from ._private import format as fmt
 from ._private.encoding import b64decode, b64encode, dumps_canonical
 from ._private.io import AtomicOutput, Source
 from ._private.paths import check_entry_path, check_entry_set
-from .errors import FormatError, IntegrityError, ModelSealError, SignatureError, WrongKeyError
+from .errors import IntegrityError, ModelSealError, SignatureError, WrongKeyError
 from .keys import (
     PassphraseRecipient,
     Recipient,
@@ -567,7 +567,7 @@ class SealedModel:
     def _write_entry(self, entry: fmt.Entry, target: Path, progress: Progress | None) -> None:
         buf = bytearray(self._header.chunk_size)
         with open(target, "xb") as fh:
-            for _, chunk in self._chunks(entry, _ChunkWindow(buf, self._header.chunk_size)):
+            for _, chunk in self._chunks(entry, _ChunkWindow(buf, self._header.chunk_size)):  # type: ignore[arg-type]
                 fh.write(chunk)
                 if progress:
                     progress(len(chunk))

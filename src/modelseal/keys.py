@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from ._private import crypto
-from ._private.encoding import decode_key, encode_key
+from ._private.encoding import b64encode, decode_key, encode_key
 
 __all__ = [
     "Identity",
@@ -98,9 +98,7 @@ class X25519Recipient(Recipient):
         return crypto.x25519_wrap(content_key, self.public_bytes, ephemeral)
 
     def matches(self, stanza: Stanza) -> bool:
-        return stanza.get("type") == "x25519" and stanza.get("kid") == crypto.b64encode(
-            crypto.key_id(self.public_bytes)
-        )
+        return stanza.get("type") == "x25519" and stanza.get("kid") == b64encode(crypto.key_id(self.public_bytes))
 
 
 class PassphraseRecipient(Recipient, Unwrapper):

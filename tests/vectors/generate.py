@@ -139,7 +139,9 @@ def build(out: Path) -> list[dict[str, Any]]:
 def _digests(src: Path) -> dict[str, str]:
     if src.is_file():
         return {src.name: hashlib.sha256(src.read_bytes()).hexdigest()}
-    return {p.relative_to(src).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in src.rglob("*") if p.is_file()}
+    return {
+        p.relative_to(src).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in src.rglob("*") if p.is_file()
+    }
 
 
 def _build(out: Path, work: Path) -> list[dict[str, Any]]:
@@ -189,26 +191,74 @@ def _build(out: Path, work: Path) -> list[dict[str, Any]]:
     bad("bad-magic", b"\x89MSEAX\r\n" + base[8:], "FormatError", "magic")
     bad("bad-version", base[:8] + b"\x00\x02" + base[10:], "FormatError", "version")
     bad("bad-flags", base[:10] + b"\x00\x01" + base[12:], "FormatError", "flags")
-    bad("bad-manifest-length", base[:12] + struct.pack(">I", fmt.MAX_MANIFEST_LEN + 1) + base[16:], "FormatError", "section-size")
+    bad(
+        "bad-manifest-length",
+        base[:12] + struct.pack(">I", fmt.MAX_MANIFEST_LEN + 1) + base[16:],
+        "FormatError",
+        "section-size",
+    )
     bad("truncated-header", base[:40], "FormatError", "truncated")
     bad("truncated-payload", base[: h.table_offset - 5], "FormatError", "truncated")
     bad("truncated-trailer", base[:-1], "FormatError", "truncated")
     bad("trailing-data", base + b"\x00", "FormatError", "trailing-data")
-    bad("manifest-duplicate-key", _replace(base, manifest=h.manifest_bytes[:-1] + b',"version":1}'), "FormatError", "json")
-    bad("manifest-float", _replace(base, manifest=h.manifest_bytes.replace(b'"version":1', b'"version":1.0')), "FormatError", "json")
+    bad(
+        "manifest-duplicate-key",
+        _replace(base, manifest=h.manifest_bytes[:-1] + b',"version":1}'),
+        "FormatError",
+        "json",
+    )
+    bad(
+        "manifest-float",
+        _replace(base, manifest=h.manifest_bytes.replace(b'"version":1', b'"version":1.0')),
+        "FormatError",
+        "json",
+    )
     bad("manifest-unknown-field", _edit_manifest(base, lambda m: m.update(extra=1)), "FormatError", "schema")
     bad("manifest-bad-base64", _edit_manifest(base, lambda m: m.update(salt="not*base64")), "FormatError", "base64")
-    bad("chunk-size-not-power-of-two", _edit_manifest(base, lambda m: m.update(chunk_size=6000)), "FormatError", "chunk-size")
-    bad("entry-path-traversal", _edit_manifest(base, lambda m: m["entries"][0].update(path="../config.json")), "FormatError", "entry-path")
-    bad("entry-path-absolute", _edit_manifest(base, lambda m: m["entries"][0].update(path="/etc/passwd")), "FormatError", "entry-path")
-    bad("entry-case-collision", _edit_manifest(base, lambda m: m["entries"][0].update(path="MODEL.safetensors")), "FormatError", "entry-collision")  # fmt: skip
-    bad("entry-too-large", _edit_manifest(base, lambda m: m["entries"][0].update(size=fmt.MAX_ENTRY_SIZE + 1)), "FormatError", "limits")  # fmt: skip
-    bad("two-passphrase-stanzas", _edit_stanzas(
-        (out / "valid-passphrase.mseal").read_bytes(), lambda s: s.append(dict(s[0]))
-    ), "FormatError", "recipients", passphrase=PASSPHRASE)  # fmt: skip
-    bad("scrypt-work-factor-too-high", _edit_stanzas(
-        (out / "valid-passphrase.mseal").read_bytes(), lambda s: s[0].update(log_n=30)
-    ), "FormatError", "scrypt-work-factor", passphrase=PASSPHRASE)  # fmt: skip
+    bad(
+        "chunk-size-not-power-of-two",
+        _edit_manifest(base, lambda m: m.update(chunk_size=6000)),
+        "FormatError",
+        "chunk-size",
+    )
+    bad(
+        "entry-path-traversal",
+        _edit_manifest(base, lambda m: m["entries"][0].update(path="../config.json")),
+        "FormatError",
+        "entry-path",
+    )
+    bad(
+        "entry-path-absolute",
+        _edit_manifest(base, lambda m: m["entries"][0].update(path="/etc/passwd")),
+        "FormatError",
+        "entry-path",
+    )
+    bad(
+        "entry-case-collision",
+        _edit_manifest(base, lambda m: m["entries"][0].update(path="MODEL.safetensors")),
+        "FormatError",
+        "entry-collision",
+    )
+    bad(
+        "entry-too-large",
+        _edit_manifest(base, lambda m: m["entries"][0].update(size=fmt.MAX_ENTRY_SIZE + 1)),
+        "FormatError",
+        "limits",
+    )
+    bad(
+        "two-passphrase-stanzas",
+        _edit_stanzas((out / "valid-passphrase.mseal").read_bytes(), lambda s: s.append(dict(s[0]))),
+        "FormatError",
+        "recipients",
+        passphrase=PASSPHRASE,
+    )
+    bad(
+        "scrypt-work-factor-too-high",
+        _edit_stanzas((out / "valid-passphrase.mseal").read_bytes(), lambda s: s[0].update(log_n=30)),
+        "FormatError",
+        "scrypt-work-factor",
+        passphrase=PASSPHRASE,
+    )
     bad("no-stanzas", _replace(base, stanzas=b"[]"), "FormatError", "recipients")
 
     # authentication (IntegrityError: one opaque error whatever was touched)
@@ -233,8 +283,20 @@ def _build(out: Path, work: Path) -> list[dict[str, Any]]:
     # keys and signatures
     bad("wrong-identity", single, "WrongKeyError", identity=OTHER_IDENTITY.to_string())
     bad("wrong-passphrase", (out / "valid-passphrase.mseal").read_bytes(), "WrongKeyError", passphrase="Tr0ub4dor&3")
-    bad("unsigned-but-signer-required", single, "SignatureError", identity=IDENTITY.to_string(), require_signer=str(SIGNER.verify_key))  # fmt: skip
-    bad("wrong-signer", base, "SignatureError", identity=IDENTITY.to_string(), require_signer=str(OTHER_SIGNER.verify_key))  # fmt: skip
+    bad(
+        "unsigned-but-signer-required",
+        single,
+        "SignatureError",
+        identity=IDENTITY.to_string(),
+        require_signer=str(SIGNER.verify_key),
+    )
+    bad(
+        "wrong-signer",
+        base,
+        "SignatureError",
+        identity=IDENTITY.to_string(),
+        require_signer=str(OTHER_SIGNER.verify_key),
+    )
     return vectors
 
 
@@ -268,4 +330,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

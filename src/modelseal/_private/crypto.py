@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from .encoding import b64decode, b64encode
-from .format import KEY_LEN, TAG_LEN
+from .format import KEY_LEN
 
 LABEL = b"modelseal/v1/"
 _ZERO_NONCE = bytes(12)
@@ -47,7 +47,7 @@ class KeySchedule:
     def header_mac(self, preamble: bytes) -> bytes:
         return hmac.new(self.header_mac_key, preamble, hashlib.sha256).digest()
 
-    def trailer_mac(self, header_mac: bytes, table: bytes, signatures_bytes: bytes) -> bytes:
+    def trailer_mac(self, header_mac: bytes, table: bytes | bytearray, signatures_bytes: bytes) -> bytes:
         mac = hmac.new(self.trailer_mac_key, header_mac, hashlib.sha256)
         mac.update(table)
         mac.update(struct.pack(">I", len(signatures_bytes)))
@@ -122,5 +122,3 @@ def scrypt_unwrap(stanza: dict[str, object], passphrase: bytes) -> bytes | None:
         return AESGCM(key).decrypt(_ZERO_NONCE, b64decode(stanza["body"]), None)
     except InvalidTag:
         return None
-
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -156,7 +157,7 @@ class AtomicOutput:
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self._fh.close()
-        for tmp, final in zip(self._temps, self.finals):
+        for tmp, final in zip(self._temps, self.finals, strict=False):
             os.replace(tmp, final)
         if len(self.finals) > 1:  # shards of an older, differently split copy would make the set ambiguous
             keep = set(self.finals)
@@ -169,10 +170,8 @@ class AtomicOutput:
     def abort(self) -> None:
         self._fh.close()
         for tmp in self._temps[: self._opened]:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            except FileNotFoundError:
-                pass
 
     def __enter__(self) -> AtomicOutput:
         return self

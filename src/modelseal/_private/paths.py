@@ -64,7 +64,8 @@ def check_entry_set(paths: Iterable[str]) -> None:
         folded = _fold(path)
         if folded in seen:
             raise FormatError(
-                "entry-collision", f"entry paths {seen[folded]!r} and {path!r} collide (duplicate, case or normalisation)"
+                "entry-collision",
+                f"entry paths {seen[folded]!r} and {path!r} collide (duplicate, case or normalisation)",
             )
         seen[folded] = path
     for folded, path in seen.items():
