@@ -15,8 +15,10 @@ from .container import seal as seal
 from .container import verify as verify
 from .errors import FormatError as FormatError
 from .errors import IntegrityError as IntegrityError
+from .errors import ModelLoadError as ModelLoadError
 from .errors import ModelSealError as ModelSealError
 from .errors import SignatureError as SignatureError
+from .errors import UnsafeModelError as UnsafeModelError
 from .errors import WrongKeyError as WrongKeyError
 from .keys import Identity as Identity
 from .keys import PassphraseRecipient as PassphraseRecipient
@@ -25,6 +27,11 @@ from .keys import SigningKey as SigningKey
 from .keys import Unwrapper as Unwrapper
 from .keys import VerifyKey as VerifyKey
 from .keys import X25519Recipient as X25519Recipient
+from .loaders import load_onnx as load_onnx
+from .loaders import load_safetensors as load_safetensors
+from .loaders import load_torch as load_torch
+from .loaders import load_transformers as load_transformers
+from .loaders import open_safetensors as open_safetensors
 
 open = open_sealed  # noqa: A001 - ``modelseal.open`` is the documented name
 
@@ -36,18 +43,25 @@ __all__ = [
     "FormatError",
     "Identity",
     "IntegrityError",
+    "ModelLoadError",
     "ModelSealError",
     "PassphraseRecipient",
     "Recipient",
     "SealedModel",
     "SignatureError",
     "SigningKey",
+    "UnsafeModelError",
     "Unwrapper",
     "VerifyKey",
     "WrongKeyError",
     "X25519Recipient",
     "inspect",
+    "load_onnx",
+    "load_safetensors",
+    "load_torch",
+    "load_transformers",
     "open",
+    "open_safetensors",
     "open_sealed",
     "rewrap",
     "seal",

@@ -16,8 +16,10 @@ from __future__ import annotations
 __all__ = [
     "FormatError",
     "IntegrityError",
+    "ModelLoadError",
     "ModelSealError",
     "SignatureError",
+    "UnsafeModelError",
     "WrongKeyError",
 ]
 
@@ -64,3 +66,24 @@ class WrongKeyError(ModelSealError):
 
     def __init__(self, message: str = "no given identity or passphrase opens this container") -> None:
         super().__init__(message)
+
+
+class ModelLoadError(ModelSealError):
+    """An authentic file from a container could not be loaded by its runtime.
+
+    ``entry`` names the file; the message says why (not the claimed format, a
+    corrupt graph, missing external data, ...).
+    """
+
+    exit_code = 8
+
+    def __init__(self, entry: str, reason: str) -> None:
+        super().__init__(f"cannot load {entry!r}: {reason}")
+        self.entry = entry
+        self.reason = reason
+
+
+class UnsafeModelError(ModelLoadError):
+    """The file would run code when loaded (a pickle with more than tensors): refused."""
+
+    exit_code = 9

@@ -274,7 +274,7 @@ def _build(out: Path, work: Path) -> list[dict[str, Any]]:
     bad("duplicated-chunk", _put_chunk(base, 1, base, 0), "IntegrityError")
     other = (out / "valid-two-recipients.mseal").read_bytes()
     stolen = _sections(other).stanzas_bytes
-    bad("stanza-from-other-container", _replace(base, stanzas=stolen), "IntegrityError")
+    bad("stanza-from-other-container", _replace(base, stanzas=stolen), "WrongKeyError")
     # a chunk from another container with the same layout, at the same position
     bad("spliced-chunk-from-other-container", _put_chunk(base, 0, other, 0), "IntegrityError")
     # the whole payload and trailer of another container under this header

@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 from typing import Any
 
 from ..errors import FormatError
@@ -64,11 +65,16 @@ def loads_strict(data: bytes, *, section: str) -> Any:
         raise FormatError("json", f"{section} section is not valid JSON: {exc.msg}") from None
     except RecursionError:
         raise FormatError("json", f"{section} section is nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer beyond Python's digit limit
+        raise FormatError("json", f"{section} section is not acceptable JSON: {exc}") from None
 
 
 def dumps_canonical(obj: Any) -> bytes:
     """Compact, key-sorted, ASCII JSON: what modelseal writes."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+_KEY_BODY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 # Key strings: "<prefix><base64url(key || checksum4)>", checksum = SHA-256(prefix || key)[:4],
@@ -85,6 +91,8 @@ def decode_key(prefix: str, text: str, *, length: int, what: str) -> bytes:
     if not text.startswith(prefix):
         raise ValueError(f"not a {what}: expected a string starting with {prefix!r}")
     body = text[len(prefix) :]
+    if not _KEY_BODY.fullmatch(body):
+        raise ValueError(f"malformed {what}: bad base64")
     try:
         raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
     except (binascii.Error, ValueError):

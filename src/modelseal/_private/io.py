@@ -11,7 +11,7 @@ from types import TracebackType
 
 from ..errors import FormatError
 
-_SHARD = re.compile(r"^(?P<base>.+)-shard(?P<i>[1-9][0-9]*)of(?P<n>[1-9][0-9]*)$")
+_SHARD = re.compile(r"(?P<base>.+)-shard(?P<i>[1-9][0-9]*)of(?P<n>[1-9][0-9]*)")
 MAX_SHARDS = 10_000
 MIN_SHARD_SIZE = 4096
 
@@ -23,11 +23,11 @@ def shard_name(base: Path, index: int, count: int) -> Path:
 def resolve(path: str | os.PathLike[str]) -> list[Path]:
     """The file(s) a container path names: itself, or every shard of its shard set, in order."""
     path = Path(path)
-    m = _SHARD.match(path.name)
+    m = _SHARD.fullmatch(path.name)
     if path.is_file() and not m:
         return [path]
     base = path.with_name(m.group("base")) if m else path
-    pattern = re.compile(re.escape(base.name) + r"-shard([1-9][0-9]*)of([1-9][0-9]*)$")
+    pattern = re.compile(re.escape(base.name) + r"-shard([1-9][0-9]*)of([1-9][0-9]*)")
     found: dict[int, tuple[int, Path]] = {}
     counts: set[int] = set()
     try:
@@ -35,7 +35,7 @@ def resolve(path: str | os.PathLike[str]) -> list[Path]:
     except FileNotFoundError:
         siblings = []
     for p in siblings:
-        sm = pattern.match(p.name)
+        sm = pattern.fullmatch(p.name)
         if sm:
             i, n = int(sm.group(1)), int(sm.group(2))
             counts.add(n)
@@ -159,12 +159,12 @@ class AtomicOutput:
         self._fh.close()
         for tmp, final in zip(self._temps, self.finals, strict=False):
             os.replace(tmp, final)
-        if len(self.finals) > 1:  # shards of an older, differently split copy would make the set ambiguous
-            keep = set(self.finals)
-            stale = re.compile(re.escape(self.dst.name) + r"-shard[1-9][0-9]*of[1-9][0-9]*$")
-            for p in self.dst.parent.iterdir():
-                if stale.match(p.name) and p not in keep:
-                    p.unlink()
+        # An older copy split differently (or not at all) would shadow or confuse the new one.
+        keep = set(self.finals)
+        stale = re.compile(re.escape(self.dst.name) + r"(-shard[1-9][0-9]*of[1-9][0-9]*)?")
+        for p in self.dst.parent.iterdir():
+            if stale.fullmatch(p.name) and p not in keep:
+                p.unlink()
         return self.finals
 
     def abort(self) -> None:

@@ -17,7 +17,8 @@ MAX_PATH_BYTES = 1024
 MAX_COMPONENT_BYTES = 255
 _FORBIDDEN_CHARS = frozenset('\\:*?"<>|')
 _WINDOWS_RESERVED = frozenset(
-    ["con", "prn", "aux", "nul"] + [f"com{i}" for i in range(1, 10)] + [f"lpt{i}" for i in range(1, 10)]
+    ["con", "prn", "aux", "nul", "conin$", "conout$"]
+    + [f"{dev}{i}" for dev in ("com", "lpt") for i in [*range(10), "\u00b9", "\u00b2", "\u00b3"]]
 )
 
 

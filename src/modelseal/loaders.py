@@ -1,0 +1,433 @@
+"""Open sealed models straight into their runtimes, with no plaintext byte on disk.
+
+Every loader takes either a container path plus the same key arguments as
+:func:`modelseal.open` (``identity``, ``passphrase``, ``require_signer``) or an
+already open :class:`~modelseal.SealedModel`, and imports its framework only
+when called.
+
+Where the runtime maps its input (``torch.load(mmap=True)``, safetensors'
+``safe_open``), the file is decrypted into an anonymous, sealed in-memory file
+(Linux ``memfd``) and the runtime uses those pages in place: no copy, nothing on
+disk. Where the runtime insists on copying (ONNX Runtime copies initializers
+during session creation), the decrypted buffers are overwritten and released as
+soon as the session exists. See docs/loaders.md for what can and cannot be wiped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import json
+import pickle
+import posixpath
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from ._private.memfile import MemFile, memfd_supported
+from .container import SealedModel, open_sealed
+from .errors import ModelLoadError, UnsafeModelError
+from .keys import Unwrapper, VerifyKey
+
+__all__ = [
+    "SafetensorsFile",
+    "load_onnx",
+    "load_safetensors",
+    "load_torch",
+    "load_transformers",
+    "open_safetensors",
+]
+
+
+@contextlib.contextmanager
+def _container(
+    source: Any,
+    identity: Unwrapper | Sequence[Unwrapper] | None,
+    passphrase: str | bytes | None,
+    require_signer: VerifyKey | str | None,
+) -> Iterator[SealedModel]:
+    if isinstance(source, SealedModel):
+        yield source
+        return
+    with open_sealed(source, identity=identity, passphrase=passphrase, require_signer=require_signer) as model:
+        yield model
+
+
+def _pick(model: SealedModel, entry: str | None, suffixes: tuple[str, ...], what: str) -> str:
+    if entry is not None:
+        if entry not in model.files:
+            raise ModelLoadError(entry, f"no such file in the container (files: {model.files[:20]})")
+        return entry
+    found = [f for f in model.files if f.lower().endswith(suffixes)]
+    if len(found) != 1:
+        detail = f"found {found[:10]}" if found else f"no file ending in {'/'.join(suffixes)}"
+        raise ModelLoadError(
+            model.files[0] if len(model.files) == 1 else "<container>", f"expected one {what}: {detail}; pass entry="
+        )
+    return found[0]
+
+
+def _wipe_bytes(data: bytes) -> None:
+    """Overwrite an immutable ``bytes`` we created and alone hold (CPython; best effort)."""
+    if sys.implementation.name == "cpython" and sys.getrefcount(data) <= 3 and data:
+        address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+        if address:
+            ctypes.memset(address, 0, len(data))
+
+
+@contextlib.contextmanager
+def _decrypted_file(model: SealedModel, entry: str) -> Iterator[MemFile]:
+    """The entry decrypted into a sealed in-memory file."""
+    mem = MemFile(entry.rsplit("/", 1)[-1], model.size(entry))
+    try:
+        if mem.size:
+            model.read_into(entry, mem.view)
+        mem.seal()
+        yield mem
+    finally:
+        mem.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:500] if text else type(exc).__name__
+
+
+# --- ONNX Runtime -----------------------------------------------------------------------
+
+_NOT_EXTERNAL_DATA = (".onnx", ".json", ".txt", ".md")
+
+
+def _external_locations(graph: bytearray, entry: str) -> list[str]:
+    try:
+        import onnx
+        from onnx.external_data_helper import _get_all_tensors, uses_external_data
+    except ImportError as exc:  # pragma: no cover - onnx ships with the onnx extra
+        raise ModelLoadError(
+            entry, "reading external data needs the 'onnx' package (pip install modelseal[onnx])"
+        ) from exc
+    try:
+        proto = onnx.ModelProto.FromString(bytes(graph))
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ModelLoadError(entry, f"not a valid ONNX model ({_first_line(exc)})") from None
+    locations = []
+    for tensor in _get_all_tensors(proto):
+        if uses_external_data(tensor):
+            location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+            if location not in locations:
+                locations.append(location)
+    return locations
+
+
+def load_onnx(
+    source: Any,
+    *,
+    identity: Unwrapper | Sequence[Unwrapper] | None = None,
+    passphrase: str | bytes | None = None,
+    require_signer: VerifyKey | str | None = None,
+    entry: str | None = None,
+    sess_options: Any = None,
+    providers: Sequence[Any] | None = None,
+    provider_options: Sequence[dict[Any, Any]] | None = None,
+) -> Any:
+    """Create an ``onnxruntime.InferenceSession`` from a sealed ONNX model, in memory.
+
+    Models with external data (the >2 GiB case) are supported: every external
+    data file the graph references must be in the container, in the graph's
+    directory; ONNX Runtime receives them from memory.
+
+    Args:
+        source: Container path or an open :class:`~modelseal.SealedModel`.
+        entry: The ``.onnx`` file, if the container holds more than one.
+        sess_options: ``onnxruntime.SessionOptions`` (external data is added to it).
+        providers, provider_options: Passed to ``InferenceSession``.
+
+    Raises:
+        ModelLoadError: Not an ONNX model, a corrupt graph, missing external data.
+        WrongKeyError, IntegrityError, SignatureError, FormatError: As for ``modelseal.open``.
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    with _container(source, identity, passphrase, require_signer) as model:
+        path = _pick(model, entry, (".onnx",), "ONNX model")
+        base = posixpath.dirname(path)
+        graph = model.read(path)
+        options = sess_options if sess_options is not None else ort.SessionOptions()
+        buffers: list[Any] = []
+        try:
+            candidates = [
+                f for f in model.files if posixpath.dirname(f) == base and not f.lower().endswith(_NOT_EXTERNAL_DATA)
+            ]
+            if candidates:
+                names, sizes = [], []
+                for location in _external_locations(graph, path):
+                    full = posixpath.normpath(posixpath.join(base, location))
+                    if full not in model.files:
+                        raise ModelLoadError(path, f"external data file {location!r} is not in the container")
+                    buf = np.empty(model.size(full), dtype=np.uint8)
+                    model.read_into(full, buf)
+                    names.append(location)
+                    buffers.append(buf)
+                    sizes.append(buf.nbytes)
+                if names:
+                    options.add_external_initializers_from_files_in_memory(names, buffers, sizes)
+            model_bytes = bytes(graph)
+            try:
+                return ort.InferenceSession(
+                    model_bytes, options, providers=providers, provider_options=provider_options
+                )
+            except Exception as exc:  # ORT raises pybind11 exception types without a common base
+                message = _first_line(exc)
+                if "external data" in message.lower():
+                    message = f"external data missing or invalid: {message}"
+                raise ModelLoadError(path, message) from None
+            finally:
+                _wipe_bytes(model_bytes)
+                del model_bytes
+        finally:
+            graph[:] = bytes(len(graph))
+            for buf in buffers:  # ONNX Runtime copied what it needs during session creation
+                buf.fill(0)
+
+
+# --- PyTorch ----------------------------------------------------------------------------
+
+
+def load_torch(
+    source: Any,
+    *,
+    identity: Unwrapper | Sequence[Unwrapper] | None = None,
+    passphrase: str | bytes | None = None,
+    require_signer: VerifyKey | str | None = None,
+    entry: str | None = None,
+    map_location: Any = "cpu",
+) -> Any:
+    """Load a sealed PyTorch checkpoint (a state dict) with ``torch.load(weights_only=True)``.
+
+    A pickle that would construct anything but tensors and plain containers (and
+    so could run code) is refused with :class:`~modelseal.UnsafeModelError`.
+    On Linux the tensors are backed directly by the decrypted in-memory file.
+
+    Raises:
+        UnsafeModelError: The checkpoint's pickle is not weights-only.
+        ModelLoadError: Not a PyTorch checkpoint.
+    """
+    import torch
+
+    with _container(source, identity, passphrase, require_signer) as model:
+        path = _pick(model, entry, (".pt", ".pth", ".bin", ".ckpt"), "PyTorch checkpoint")
+        try:
+            if memfd_supported():
+                with _decrypted_file(model, path) as mem:
+                    try:
+                        return torch.load(mem.path, map_location=map_location, weights_only=True, mmap=True)
+                    except RuntimeError as exc:
+                        if "mmap" not in str(exc) and "zipfile" not in str(exc):
+                            raise
+                        # legacy (non-zip) checkpoints can't be mapped: read them from memory instead
+                        with open(mem.path, "rb") as fh:
+                            return torch.load(io.BytesIO(fh.read()), map_location=map_location, weights_only=True)
+            data = model.read(path)
+            try:
+                return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+            finally:
+                data[:] = bytes(len(data))
+        except pickle.UnpicklingError as exc:
+            raise UnsafeModelError(path, f"refused by the weights-only unpickler: {_first_line(exc)}") from None
+        except (RuntimeError, EOFError, ValueError, OSError) as exc:
+            raise ModelLoadError(path, f"not a loadable PyTorch checkpoint: {_first_line(exc)}") from None
+
+
+# --- safetensors ------------------------------------------------------------------------
+
+
+class SafetensorsFile:
+    """Lazy per-tensor access to a sealed safetensors file (a ``safe_open`` handle in memory)."""
+
+    def __init__(self, mem: MemFile, entry: str, framework: str, device: str) -> None:
+        from safetensors import safe_open
+
+        self._mem = mem
+        self.entry = entry
+        self._handle: Any
+        try:
+            self._handle = safe_open(mem.path, framework=framework, device=device)
+        except Exception as exc:  # SafetensorError derives from Exception only
+            mem.close()
+            raise ModelLoadError(entry, f"not a valid safetensors file: {_first_line(exc)}") from None
+
+    def keys(self) -> list[str]:
+        return list(self._handle.keys())
+
+    def metadata(self) -> dict[str, str] | None:
+        meta: dict[str, str] | None = self._handle.metadata()
+        return meta
+
+    def get_tensor(self, name: str) -> Any:
+        return self._handle.get_tensor(name)
+
+    def get_slice(self, name: str) -> Any:
+        return self._handle.get_slice(name)
+
+    def close(self) -> None:
+        self._handle = None
+        self._mem.close()
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_safetensors(
+    source: Any,
+    *,
+    identity: Unwrapper | Sequence[Unwrapper] | None = None,
+    passphrase: str | bytes | None = None,
+    require_signer: VerifyKey | str | None = None,
+    entry: str | None = None,
+    framework: str = "pt",
+    device: str = "cpu",
+) -> SafetensorsFile:
+    """Open one sealed safetensors file for lazy per-tensor access (``framework``: ``pt`` or ``np``)."""
+    with _container(source, identity, passphrase, require_signer) as model:
+        path = _pick(model, entry, (".safetensors",), "safetensors file")
+        mem = MemFile(path.rsplit("/", 1)[-1], model.size(path))
+        try:
+            if mem.size:
+                model.read_into(path, mem.view)
+            mem.seal()
+        except BaseException:
+            mem.close()
+            raise
+        return SafetensorsFile(mem, path, framework, device)
+
+
+def load_safetensors(
+    source: Any,
+    *,
+    identity: Unwrapper | Sequence[Unwrapper] | None = None,
+    passphrase: str | bytes | None = None,
+    require_signer: VerifyKey | str | None = None,
+    entry: str | None = None,
+    framework: str = "pt",
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Load every tensor of a sealed safetensors file, or of all shards in a sealed folder.
+
+    With ``entry=None`` and several ``.safetensors`` files (a sharded checkpoint),
+    the tensors of all of them are returned in one dict.
+    """
+    with _container(source, identity, passphrase, require_signer) as model:
+        entries = [entry] if entry else [f for f in model.files if f.lower().endswith(".safetensors")]
+        if not entries:
+            raise ModelLoadError("<container>", "no .safetensors file in the container")
+        tensors: dict[str, Any] = {}
+        for path in entries:
+            with open_safetensors(model, entry=path, framework=framework, device=device) as f:
+                for name in f.keys():  # noqa: SIM118 - safetensors handle, not a dict
+                    if name in tensors:
+                        raise ModelLoadError(path, f"tensor {name!r} appears in more than one shard")
+                    tensors[name] = f.get_tensor(name)
+        return tensors
+
+
+# --- Hugging Face transformers ----------------------------------------------------------
+
+
+def _read_json(model: SealedModel, path: str) -> dict[str, Any]:
+    try:
+        value = json.loads(bytes(model.read(path)).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(path, f"not valid JSON: {_first_line(exc)}") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(path, "expected a JSON object")
+    return value
+
+
+def _tokenizer(model: SealedModel, base: str) -> Any:
+    import transformers
+    from tokenizers import Tokenizer
+
+    def at(name: str) -> str:
+        return posixpath.join(base, name) if base else name
+
+    if at("tokenizer.json") not in model.files:
+        return None
+    try:
+        backend = Tokenizer.from_str(bytes(model.read(at("tokenizer.json"))).decode("utf-8"))
+    except Exception as exc:  # tokenizers raises plain Exception subclasses
+        raise ModelLoadError(at("tokenizer.json"), f"not a valid tokenizer: {_first_line(exc)}") from None
+    kwargs: dict[str, Any] = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if at(name) in model.files:
+            kwargs.update(_read_json(model, at(name)))
+    for drop in ("tokenizer_class", "auto_map", "tokenizer_file", "name_or_path"):
+        kwargs.pop(drop, None)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)  # type: ignore[no-untyped-call]
+
+
+def load_transformers(
+    source: Any,
+    *,
+    identity: Unwrapper | Sequence[Unwrapper] | None = None,
+    passphrase: str | bytes | None = None,
+    require_signer: VerifyKey | str | None = None,
+    model_class: Any = None,
+    subfolder: str = "",
+) -> tuple[Any, Any]:
+    """Open a sealed Hugging Face model folder into a ``transformers`` model and tokenizer.
+
+    The folder needs ``config.json`` and ``*.safetensors`` (or ``pytorch_model.bin``)
+    weights; ``tokenizer.json`` (with its config) gives the tokenizer, else None.
+    The model is built without random initialisation and takes the decrypted
+    tensors as its parameters directly (no copy). It is returned in eval mode.
+
+    Args:
+        model_class: A transformers auto class or model class (default ``AutoModel``).
+        subfolder: Folder inside the container holding the model.
+
+    Returns:
+        ``(model, tokenizer)``.
+    """
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    with _container(source, identity, passphrase, require_signer) as model:
+        base = subfolder.strip("/")
+        config_path = posixpath.join(base, "config.json") if base else "config.json"
+        if config_path not in model.files:
+            raise ModelLoadError(config_path, "a Hugging Face model folder needs config.json")
+        config_dict = _read_json(model, config_path)
+        try:
+            config = transformers.AutoConfig.for_model(**config_dict)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(config_path, f"unsupported model config: {_first_line(exc)}") from None
+        in_base = [f for f in model.files if posixpath.dirname(f) == base]
+        shards = [f for f in in_base if f.endswith(".safetensors")]
+        if shards:
+            state = load_safetensors(model, entry=None if len(shards) > 1 else shards[0])
+        elif posixpath.join(base, "pytorch_model.bin").lstrip("/") in model.files:
+            state = load_torch(model, entry=posixpath.join(base, "pytorch_model.bin").lstrip("/"))
+        else:
+            raise ModelLoadError(config_path, "no *.safetensors or pytorch_model.bin weights beside config.json")
+        cls = model_class or transformers.AutoModel
+        with no_init_weights():
+            net = cls.from_config(config)
+        prefix = getattr(net, "base_model_prefix", "")
+        expected = set(net.state_dict())
+        if prefix and not (expected & set(state)):
+            stripped = {k.removeprefix(prefix + "."): v for k, v in state.items()}
+            added = {f"{prefix}.{k}": v for k, v in state.items()}
+            state = stripped if expected & set(stripped) else added
+        result = net.load_state_dict(state, strict=False, assign=True)
+        tied = getattr(net, "_tied_weights_keys", None) or ()
+        missing = [k for k in result.missing_keys if k not in tied]
+        if missing:
+            raise ModelLoadError(config_path, f"weights missing for {missing[:5]} ({len(missing)} tensors)")
+        net.tie_weights()
+        net.eval()
+        return net, _tokenizer(model, base)
