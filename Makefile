@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 FUZZ_SECONDS ?= 30
 
-.PHONY: demo test lint typecheck unit fuzz bench clean
+.PHONY: demo test sysdeps lint typecheck unit fuzz bench clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,11 @@ $(STAMP): pyproject.toml requirements-dev.txt
 demo: $(STAMP)
 	$(BIN)/python examples/quickstart.py
 
-test: lint typecheck unit fuzz
+test: sysdeps lint typecheck unit fuzz
+
+# System tools the tests use: strace watches loaders for file writes.
+sysdeps:
+	@command -v strace >/dev/null || { apt-get update -qq && apt-get install -y -qq strace >/dev/null; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks fuzz examples

@@ -5,6 +5,13 @@ may change without notice. ``import modelseal`` stays light: no numpy, torch,
 onnxruntime or web framework is imported until a feature that needs it is used.
 """
 
+import os as _os
+
+# ONNX Runtime 1.2x+ on Linux records process and error events in a local database under
+# ~/.cache/Microsoft/DeveloperTools unless told not to; it reads this once, when it loads.
+# A library whose point is to keep model details off disk turns it off unless the user chose.
+_os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 from .container import ContainerInfo as ContainerInfo
 from .container import EntryInfo as EntryInfo
 from .container import SealedModel as SealedModel

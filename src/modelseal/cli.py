@@ -341,6 +341,71 @@ def rewrap(
     err.print(f"rewrapped {', '.join(str(p) for p in info.paths)}: {len(info.recipients)} recipient(s)")
 
 
+def _load_input(path: Path, dtype: Any) -> Any:
+    import numpy as np
+
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: expected a .npy file or a JSON array ({exc})") from None
+    try:
+        return np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: not a numeric array ({exc})") from None
+
+
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(int64)": "int64",
+               "tensor(int32)": "int32", "tensor(float16)": "float16", "tensor(uint8)": "uint8",
+               "tensor(int8)": "int8", "tensor(bool)": "bool"}  # fmt: skip
+
+
+@_command
+def run(
+    path: Annotated[Path, typer.Argument(help="Sealed ONNX model.")],
+    inputs: Annotated[
+        list[str], typer.Option("--input", "-x", help="Input as FILE (.npy or JSON) or NAME=FILE; repeatable.")
+    ],
+    identity: IdentityOpt = None,
+    passphrase: PassphraseOpt = False,
+    require_signer: Annotated[str | None, typer.Option("--require-signer", help="Required publisher key.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Save outputs to this .npz file.")] = None,
+) -> None:
+    """Run one inference of a sealed ONNX model, in memory, and print or save the outputs."""
+    import numpy as np
+
+    from .loaders import load_onnx
+
+    session = load_onnx(
+        path, identity=_identities(identity), passphrase=_passphrase(passphrase), require_signer=require_signer
+    )
+    meta = {i.name: i for i in session.get_inputs()}
+    feed = {}
+    for i, spec in enumerate(inputs):
+        name, sep, file = spec.partition("=")
+        if not sep:
+            if i >= len(meta):
+                raise ValueError(f"the model takes {len(meta)} input(s); name them as NAME=FILE")
+            name, file = list(meta)[i], spec
+        if name not in meta:
+            raise ValueError(f"the model has no input {name!r} (inputs: {list(meta)})")
+        feed[name] = _load_input(Path(file), _ORT_DTYPES.get(meta[name].type, "float32"))
+    try:
+        results = session.run(None, feed)
+    except Exception as exc:  # ORT's pybind exceptions share no base class
+        raise ValueError(f"inference failed: {str(exc).splitlines()[0][:300]}") from None
+    names = [o.name for o in session.get_outputs()]
+    if output is not None:
+        np.savez(output, **dict(zip(names, results, strict=True)))
+        err.print(f"saved {len(names)} output(s) to {output}")
+        return
+    for name, value in zip(names, results, strict=True):
+        array = np.asarray(value)
+        out.print(f"[bold]{name}[/] shape={list(array.shape)} dtype={array.dtype}")
+        out.print(np.array2string(array, threshold=50, precision=5), highlight=False)
+
+
 def main() -> None:
     app()
 

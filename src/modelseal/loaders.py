@@ -235,8 +235,10 @@ def load_torch(
             finally:
                 data[:] = bytes(len(data))
         except pickle.UnpicklingError as exc:
-            raise UnsafeModelError(path, f"refused by the weights-only unpickler: {_first_line(exc)}") from None
-        except (RuntimeError, EOFError, ValueError, OSError) as exc:
+            detail = str(exc).partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
+            reason = " ".join(detail.split()) or _first_line(exc)
+            raise UnsafeModelError(path, f"pickle refused by torch's weights-only unpickler ({reason})") from None
+        except Exception as exc:  # torch.load on untrusted bytes raises anything from KeyError to struct.error
             raise ModelLoadError(path, f"not a loadable PyTorch checkpoint: {_first_line(exc)}") from None
 
 
