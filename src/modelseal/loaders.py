@@ -79,14 +79,22 @@ def _wipe_bytes(data: bytes) -> None:
 @contextlib.contextmanager
 def _decrypted_file(model: SealedModel, entry: str) -> Iterator[MemFile]:
     """The entry decrypted into a sealed in-memory file."""
-    mem = MemFile(entry.rsplit("/", 1)[-1], model.size(entry))
+    mem = _fill(model, entry)
     try:
-        if mem.size:
-            model.read_into(entry, mem.view)
-        mem.seal()
         yield mem
     finally:
         mem.close()
+
+
+def _fill(model: SealedModel, entry: str) -> MemFile:
+    mem = MemFile(entry.rsplit("/", 1)[-1])
+    try:
+        model._decrypt_to_fd(entry, mem.fd)
+        mem.seal()
+    except BaseException:
+        mem.close()
+        raise
+    return mem
 
 
 def _first_line(exc: BaseException) -> str:
@@ -96,28 +104,8 @@ def _first_line(exc: BaseException) -> str:
 
 # --- ONNX Runtime -----------------------------------------------------------------------
 
-_NOT_EXTERNAL_DATA = (".onnx", ".json", ".txt", ".md")
-
-
-def _external_locations(graph: bytearray, entry: str) -> list[str]:
-    try:
-        import onnx
-        from onnx.external_data_helper import _get_all_tensors, uses_external_data
-    except ImportError as exc:  # pragma: no cover - onnx ships with the onnx extra
-        raise ModelLoadError(
-            entry, "reading external data needs the 'onnx' package (pip install modelseal[onnx])"
-        ) from exc
-    try:
-        proto = onnx.ModelProto.FromString(bytes(graph))
-    except Exception as exc:  # protobuf's DecodeError and friends
-        raise ModelLoadError(entry, f"not a valid ONNX model ({_first_line(exc)})") from None
-    locations = []
-    for tensor in _get_all_tensors(proto):
-        if uses_external_data(tensor):
-            location = {e.key: e.value for e in tensor.external_data}.get("location", "")
-            if location not in locations:
-                locations.append(location)
-    return locations
+# Files beside a graph that are never ONNX external data (configs, tokenizers, docs).
+_NOT_EXTERNAL_DATA = (".onnx", ".json", ".txt", ".md", ".model", ".py")
 
 
 def load_onnx(
@@ -135,7 +123,8 @@ def load_onnx(
 
     Models with external data (the >2 GiB case) are supported: every external
     data file the graph references must be in the container, in the graph's
-    directory; ONNX Runtime receives them from memory.
+    folder. ONNX Runtime receives the folder's other files from memory (configs,
+    tokenizers and docs excepted) and copies what the graph references.
 
     Args:
         source: Container path or an open :class:`~modelseal.SealedModel`.
@@ -157,22 +146,19 @@ def load_onnx(
         options = sess_options if sess_options is not None else ort.SessionOptions()
         buffers: list[Any] = []
         try:
-            candidates = [
-                f for f in model.files if posixpath.dirname(f) == base and not f.lower().endswith(_NOT_EXTERNAL_DATA)
-            ]
-            if candidates:
-                names, sizes = [], []
-                for location in _external_locations(graph, path):
-                    full = posixpath.normpath(posixpath.join(base, location))
-                    if full not in model.files:
-                        raise ModelLoadError(path, f"external data file {location!r} is not in the container")
-                    buf = np.empty(model.size(full), dtype=np.uint8)
-                    model.read_into(full, buf)
-                    names.append(location)
-                    buffers.append(buf)
-                    sizes.append(buf.nbytes)
-                if names:
-                    options.add_external_initializers_from_files_in_memory(names, buffers, sizes)
+            # Every other file in the graph's folder is offered as external data, under the
+            # relative name the graph would use; ONNX Runtime copies only what it references.
+            names, sizes = [], []
+            for f in model.files:
+                if posixpath.dirname(f) != base or f.lower().endswith(_NOT_EXTERNAL_DATA):
+                    continue
+                buf = np.empty(model.size(f), dtype=np.uint8)
+                model.read_into(f, buf)
+                names.append(posixpath.relpath(f, base or "."))
+                buffers.append(buf)
+                sizes.append(buf.nbytes)
+            if names:
+                options.add_external_initializers_from_files_in_memory(names, buffers, sizes)
             model_bytes = bytes(graph)
             try:
                 return ort.InferenceSession(
@@ -297,15 +283,7 @@ def open_safetensors(
     """Open one sealed safetensors file for lazy per-tensor access (``framework``: ``pt`` or ``np``)."""
     with _container(source, identity, passphrase, require_signer) as model:
         path = _pick(model, entry, (".safetensors",), "safetensors file")
-        mem = MemFile(path.rsplit("/", 1)[-1], model.size(path))
-        try:
-            if mem.size:
-                model.read_into(path, mem.view)
-            mem.seal()
-        except BaseException:
-            mem.close()
-            raise
-        return SafetensorsFile(mem, path, framework, device)
+        return SafetensorsFile(_fill(model, path), path, framework, device)
 
 
 def load_safetensors(

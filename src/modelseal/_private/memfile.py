@@ -11,7 +11,6 @@ can change the bytes a runtime has already been handed.
 from __future__ import annotations
 
 import fcntl
-import mmap
 import os
 
 from ..errors import ModelSealError
@@ -24,32 +23,15 @@ def memfd_supported() -> bool:
 
 
 class MemFile:
-    """A sealed, read-only anonymous file of exactly ``size`` bytes."""
+    """An anonymous file, filled once through its descriptor, then sealed read-only."""
 
-    def __init__(self, name: str, size: int) -> None:
+    def __init__(self, name: str) -> None:
         if not memfd_supported():
             raise ModelSealError("in-memory files need Linux memfd_create; this platform has none")
-        self.size = size
         self.fd = os.memfd_create(name[:200] or "modelseal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        try:
-            os.ftruncate(self.fd, size)
-            self._map: mmap.mmap | None = mmap.mmap(self.fd, size) if size else None
-        except BaseException:
-            os.close(self.fd)
-            raise
-
-    @property
-    def view(self) -> memoryview:
-        """Writable view of the file's bytes (until :meth:`seal`)."""
-        if self._map is None:
-            return memoryview(bytearray(0))
-        return memoryview(self._map)
 
     def seal(self) -> None:
-        """Drop the writable mapping and forbid any further change to the contents."""
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+        """Forbid any further change to the contents (and to the size)."""
         fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
 
     @property
@@ -59,9 +41,6 @@ class MemFile:
 
     def close(self) -> None:
         """Release our handle; mappings a runtime still holds keep the pages alive until it drops them."""
-        if self._map is not None:
-            self._map.close()
-            self._map = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
