@@ -154,12 +154,16 @@ def main() -> None:
             print(json.dumps(row), flush=True)
 
         print()
-        header = f"{'loader':<12} {'MiB':>5} {'plain s':>8} {'sealed s':>9} {'ratio':>6}  {'plain RSS':>9} {'sealed RSS':>10} {'ratio':>6}"
+        header = (
+            f"{'loader':<12} {'MiB':>5} {'plain s':>8} {'sealed s':>9} {'ratio':>6}"
+            f"  {'plain RSS':>9} {'sealed RSS':>10} {'ratio':>6}"
+        )
         print(header)
         print("-" * len(header))
         for r in rows:
             print(
-                f"{r['loader']:<12} {r['size_mib']:>5} {r['plain_s']:>8.3f} {r['sealed_s']:>9.3f} {r['time_ratio']:>5.2f}x"
+                f"{r['loader']:<12} {r['size_mib']:>5} {r['plain_s']:>8.3f} {r['sealed_s']:>9.3f}"
+                f" {r['time_ratio']:>5.2f}x"
                 f"  {r['plain_rss_mib']:>9.0f} {r['sealed_rss_mib']:>10.0f} {r['rss_ratio']:>5.2f}x"
                 f"   {'meets' if r['time_ratio'] <= 1.15 and r['rss_ratio'] <= 1.15 else 'misses'} 1.15x/1.15x"
             )
