@@ -214,7 +214,11 @@ def load_torch(
                             raise
                         # legacy (non-zip) checkpoints can't be mapped: read them from memory instead
                         with open(mem.path, "rb") as fh:
-                            return torch.load(io.BytesIO(fh.read()), map_location=map_location, weights_only=True)
+                            data = fh.read()
+                        try:
+                            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+                        finally:
+                            _wipe_bytes(data)
             data = model.read(path)
             try:
                 return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)

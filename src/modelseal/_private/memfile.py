@@ -4,8 +4,8 @@ On Linux a ``memfd`` is a file that lives only in memory (no directory entry, no
 disk blocks, gone when the last descriptor and mapping close). Decrypting into it
 lets runtimes that ``mmap`` their inputs (``torch.load(mmap=True)``, safetensors'
 ``safe_open``) use the decrypted pages in place, with no copy and no plaintext on
-disk. Once written, the memfd is sealed read-only (``F_SEAL_WRITE``) so nothing
-can change the bytes a runtime has already been handed.
+disk. It is filled with ``pwrite`` (see ``SealedModel._decrypt_to_fd``), then
+sealed (``F_SEAL_WRITE``) so nothing can change the bytes a runtime was handed.
 """
 
 from __future__ import annotations
