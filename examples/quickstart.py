@@ -97,10 +97,7 @@ def main() -> None:
     step("5. The device opens it in memory and runs it: no plaintext byte touches the disk")
     x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
     identity = modelseal.Identity.load(OUT / "device.key")
-    with modelseal.open(sealed, identity=identity, require_signer=publisher) as model:
-        model_bytes = model.read()
-        session = ort.InferenceSession(bytes(model_bytes), providers=["CPUExecutionProvider"])
-        model_bytes[:] = bytes(len(model_bytes))  # ORT keeps its own copy; wipe ours
+    session = modelseal.load_onnx(sealed, identity=identity, require_signer=publisher)
     sealed_out = session.run(None, {"x": x})[0]
     plain_out = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.array_equal(sealed_out, plain_out)
@@ -116,7 +113,11 @@ def main() -> None:
     assert not (OUT / "never.onnx").exists()
     console.print("nothing was written for the tampered copy")
 
-    step("7. Another device's key is refused")
+    step("7. One inference from the shell, still in memory")
+    np.save(OUT / "x.npy", x)
+    cli("run", str(sealed), "-i", str(OUT / "device.key"), "-x", str(OUT / "x.npy"))
+
+    step("8. Another device's key is refused")
     cli("keygen", "-o", str(OUT / "other.key"))
     cli("open", str(sealed), "-i", str(OUT / "other.key"), "-o", str(OUT / "never.onnx"), expect=6)
 
