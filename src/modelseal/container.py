@@ -13,7 +13,6 @@ import shutil
 import struct
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +25,7 @@ from ._private import format as fmt
 from ._private.encoding import b64decode, b64encode, dumps_canonical
 from ._private.io import AtomicOutput, Source
 from ._private.paths import check_entry_path, check_entry_set
+from ._private.pipeline import Stage, yield_gil
 from .errors import IntegrityError, ModelSealError, SignatureError, WrongKeyError
 from .keys import (
     PassphraseRecipient,
@@ -51,6 +51,7 @@ __all__ = [
 PathLike = str | os.PathLike[str]
 Progress = Callable[[int], None]
 _U32 = struct.Struct(">I")
+_RING = 3  # chunk buffers in flight between the AES thread and the hash/write thread
 
 
 # --- public result types -------------------------------------------------------------------
@@ -312,23 +313,35 @@ def _seal(
         out.write(preamble)
         out.write(header_mac)
         table = bytearray()
-        plain = bytearray(chunk_size)
-        cipher = bytearray(chunk_size + fmt.TAG_LEN)
-        pv, cv = memoryview(plain), memoryview(cipher)
-        for index, (_, path, size) in enumerate(files):
-            aead = keys.entry_aead(index)
-            count = fmt.n_chunks(size, chunk_size)
-            with open(path, "rb", buffering=0) as fh:
-                for j in range(count):
-                    n = min(chunk_size, size - j * chunk_size)
-                    _read_exact(fh, pv[:n], path)  # type: ignore[arg-type]
-                    aead.encrypt_into(crypto.chunk_nonce(j, j == count - 1), pv[:n], None, cv[: n + fmt.TAG_LEN])
-                    table += crypto.chunk_hash(cv[: n + fmt.TAG_LEN])
-                    out.write(cv[: n + fmt.TAG_LEN])
-                    if progress:
-                        progress(n)
-                if fh.read(1):
-                    raise ModelSealError(f"{path} grew while it was being sealed")
+        plain = memoryview(bytearray(chunk_size))
+        ring = [memoryview(bytearray(chunk_size + fmt.TAG_LEN)) for _ in range(_RING)]
+
+        def hash_and_write(sealed: memoryview) -> bytes:
+            out.write(sealed)
+            return crypto.chunk_hash(sealed)
+
+        with Stage(hash_and_write) as writer:
+            k = 0
+            for index, (_, path, size) in enumerate(files):
+                aead = keys.entry_aead(index)
+                count = fmt.n_chunks(size, chunk_size)
+                with open(path, "rb", buffering=0) as fh:
+                    for j in range(count):
+                        if writer.pending == _RING:  # the next ring buffer is free once its chunk is written
+                            table += writer.get()
+                        n = min(chunk_size, size - j * chunk_size)
+                        _read_exact(fh, plain[:n], path)  # type: ignore[arg-type]
+                        sealed = ring[k % _RING][: n + fmt.TAG_LEN]
+                        aead.encrypt_into(crypto.chunk_nonce(j, j == count - 1), plain[:n], None, sealed)
+                        yield_gil()
+                        writer.put(sealed)
+                        k += 1
+                        if progress:
+                            progress(n)
+                    if fh.read(1):
+                        raise ModelSealError(f"{path} grew while it was being sealed")
+            while writer.pending:
+                table += writer.get()
         sig = b""
         if signer is not None:
             sig = signer.sign(crypto.signed_message(manifest_bytes, crypto.table_root(table)))
@@ -452,40 +465,41 @@ class SealedModel:
         last = entry.chunks - 1 if last is None else last
         aead = self._keys.entry_aead(entry.index)
         bufs = [bytearray(cs + fmt.TAG_LEN), bytearray(cs + fmt.TAG_LEN)]
-        hasher = ThreadPoolExecutor(1) if self._check_hashes else None
-        pending: Future[bytes] | None = None
+        hasher: Stage[memoryview, bytes] | None = Stage(crypto.chunk_hash) if self._check_hashes else None
 
-        def load(j: int) -> tuple[memoryview, Future[bytes] | None]:
-            n = entry.chunk_plain_len(j, cs) + fmt.TAG_LEN
-            view = memoryview(bufs[j % 2])[:n]
+        def load(j: int) -> memoryview:
+            view = memoryview(bufs[j % 2])[: entry.chunk_plain_len(j, cs) + fmt.TAG_LEN]
             self._source.readinto_at(entry.chunk_offset(j, cs), view)
-            fut = hasher.submit(crypto.chunk_hash, view) if hasher else None
-            return view, fut
+            return view
 
         try:
-            cview, pending = load(first)
+            cview = load(first)
             pos = 0
             for j in range(first, last + 1):
                 n = len(cview) - fmt.TAG_LEN
                 dest = out[pos : pos + n]
+                if hasher is not None:
+                    hasher.put(cview)  # hashed on the other core while this chunk decrypts
                 try:
                     aead.decrypt_into(crypto.chunk_nonce(j, j == entry.chunks - 1), cview, None, dest)
                 except InvalidTag:
                     dest[:] = bytes(n)
                     raise IntegrityError() from None
+                if hasher is not None:
+                    yield_gil()
                 nxt = load(j + 1) if j < last else None
-                if pending is not None:
-                    expect = self._table[(entry.first_chunk + j) * 32 : (entry.first_chunk + j + 1) * 32]
-                    if not hmac.compare_digest(pending.result(), expect):
+                if hasher is not None:
+                    k = entry.first_chunk + j
+                    if not hmac.compare_digest(hasher.get(), self._table[k * 32 : (k + 1) * 32]):
                         dest[:] = bytes(n)
                         raise IntegrityError()
                 yield j, dest
                 pos += n
                 if nxt is not None:
-                    cview, pending = nxt
+                    cview = nxt
         finally:
             if hasher is not None:
-                hasher.shutdown(wait=True, cancel_futures=True)
+                hasher.close()
 
     def read_into(self, path: str | None, buffer: Any, *, progress: Progress | None = None) -> int:
         """Decrypt a whole file into ``buffer``: any writable buffer (bytearray, memoryview,
@@ -516,17 +530,36 @@ class SealedModel:
         so no unauthenticated or partial plaintext stays in it.
         """
         entry = self._entry(path)
-        window = _ChunkWindow(bytearray(self._header.chunk_size), self._header.chunk_size)
-        offset = 0
+        cs = self._header.chunk_size
+
+        def pwrite(j: int, chunk: memoryview) -> None:
+            done = 0
+            while done < len(chunk):
+                done += os.pwrite(fd, chunk[done:], j * cs + done)
+
         try:
-            for _, chunk in self._chunks(entry, window):  # type: ignore[arg-type]
-                done = 0
-                while done < len(chunk):
-                    done += os.pwrite(fd, chunk[done:], offset + done)
-                offset += len(chunk)
+            self._drain(entry, pwrite, None)
         except BaseException:
             os.ftruncate(fd, 0)
             raise
+
+    def _drain(self, entry: fmt.Entry, write: Callable[[int, memoryview], object], progress: Progress | None) -> None:
+        """Decrypt ``entry`` chunk by chunk and hand each to ``write(index, chunk)`` on a second thread."""
+        cs = self._header.chunk_size
+        window = _ChunkWindow(bytearray(cs * _RING), cs, _RING)
+
+        def call(item: tuple[int, memoryview]) -> None:
+            write(*item)
+
+        with Stage(call) as writer:
+            for j, chunk in self._chunks(entry, window):  # type: ignore[arg-type]
+                writer.put((j, chunk))
+                if progress:
+                    progress(len(chunk))
+                while writer.pending > _RING - 1:  # the next chunk decrypts into the oldest slot
+                    writer.get()
+            while writer.pending:
+                writer.get()
 
     def read(self, path: str | None = None, *, progress: Progress | None = None) -> bytearray:
         """Decrypt a whole file into a new ``bytearray`` (the caller may wipe it after use)."""
@@ -588,12 +621,8 @@ class SealedModel:
             raise
 
     def _write_entry(self, entry: fmt.Entry, target: Path, progress: Progress | None) -> None:
-        buf = bytearray(self._header.chunk_size)
         with open(target, "xb") as fh:
-            for _, chunk in self._chunks(entry, _ChunkWindow(buf, self._header.chunk_size)):  # type: ignore[arg-type]
-                fh.write(chunk)
-                if progress:
-                    progress(len(chunk))
+            self._drain(entry, lambda _, chunk: fh.write(chunk), progress)
 
     def close(self) -> None:
         self._source.close()
@@ -609,14 +638,15 @@ class SealedModel:
 
 
 class _ChunkWindow:
-    """A view that maps every chunk of a stream onto one reusable buffer."""
+    """Maps the chunks of a stream onto ``slots`` reusable chunk buffers, round robin."""
 
-    def __init__(self, buf: bytearray, chunk_size: int) -> None:
+    def __init__(self, buf: bytearray, chunk_size: int, slots: int = 1) -> None:
         self._view = memoryview(buf)
         self._cs = chunk_size
+        self._slots = slots
 
     def __getitem__(self, s: slice) -> memoryview:
-        start = s.start % self._cs
+        start = (s.start // self._cs % self._slots) * self._cs
         return self._view[start : start + (s.stop - s.start)]
 
 
@@ -727,35 +757,33 @@ def _check_payload(
     progress: Progress | None,
     sink: Callable[[memoryview], None] | None = None,
 ) -> None:
-    """Hash every ciphertext chunk against the table (two cores), optionally passing it on."""
-    cs = header.chunk_size
-    bufs = [bytearray(cs + fmt.TAG_LEN) for _ in range(2)]
-    with ThreadPoolExecutor(1) as pool:
-        pending: tuple[Future[bytes], int, memoryview] | None = None
+    """Hash every ciphertext chunk against the table on a second thread, optionally passing it on."""
+    ring = [memoryview(bytearray(header.chunk_size + fmt.TAG_LEN)) for _ in range(_RING)]
+
+    def settle(stage: Stage[memoryview, bytes], k: int) -> None:
+        if not hmac.compare_digest(stage.get(), table[k * 32 : (k + 1) * 32]):
+            raise IntegrityError()
+
+    def hash_and_pass(view: memoryview) -> bytes:
+        digest = crypto.chunk_hash(view)
+        if sink is not None:
+            sink(view)
+        if progress:
+            progress(len(view) - fmt.TAG_LEN)
+        return digest
+
+    with Stage(hash_and_pass) as stage:
+        done = 0
         for k, (offset, n) in enumerate(_payload_chunks(header)):
-            view = memoryview(bufs[k % 2])[:n]  # the other buffer is still being hashed
+            if stage.pending == _RING:
+                settle(stage, done)
+                done += 1
+            view = ring[k % _RING][:n]
             source.readinto_at(offset, view)
-            fut = pool.submit(crypto.chunk_hash, view)
-            if pending is not None:
-                _settle(pending, table, sink, progress)
-            pending = (fut, k, view)
-        if pending is not None:
-            _settle(pending, table, sink, progress)
-
-
-def _settle(
-    pending: tuple[Future[bytes], int, memoryview],
-    table: bytes,
-    sink: Callable[[memoryview], None] | None,
-    progress: Progress | None,
-) -> None:
-    fut, k, view = pending
-    if not hmac.compare_digest(fut.result(), table[k * 32 : (k + 1) * 32]):
-        raise IntegrityError()
-    if sink is not None:
-        sink(view)
-    if progress:
-        progress(len(view) - fmt.TAG_LEN)
+            stage.put(view)
+        while stage.pending:
+            settle(stage, done)
+            done += 1
 
 
 def rewrap(

@@ -219,11 +219,11 @@ def load_torch(
                             return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
                         finally:
                             _wipe_bytes(data)
-            data = model.read(path)
+            buffer = model.read(path)
             try:
-                return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+                return torch.load(io.BytesIO(buffer), map_location=map_location, weights_only=True)
             finally:
-                data[:] = bytes(len(data))
+                buffer[:] = bytes(len(buffer))
         except pickle.UnpicklingError as exc:
             detail = str(exc).partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
             reason = " ".join(detail.split()) or _first_line(exc)

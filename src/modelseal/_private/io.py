@@ -154,8 +154,7 @@ class AtomicOutput:
         if self._k != len(self._temps) - 1 or self._left != 0:
             self.abort()
             raise RuntimeError("container size differs from its layout (internal error)")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        # No fsync, like cp or age: an interrupted write is caught as truncation on open.
         self._fh.close()
         for tmp, final in zip(self._temps, self.finals, strict=False):
             os.replace(tmp, final)
