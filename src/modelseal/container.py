@@ -12,6 +12,7 @@ import os
 import shutil
 import struct
 import time
+from collections import deque
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,7 +26,7 @@ from ._private import format as fmt
 from ._private.encoding import b64decode, b64encode, dumps_canonical
 from ._private.io import AtomicOutput, Source
 from ._private.paths import check_entry_path, check_entry_set
-from ._private.pipeline import Stage, yield_gil
+from ._private.pipeline import Stage
 from .errors import IntegrityError, ModelSealError, SignatureError, WrongKeyError
 from .keys import (
     PassphraseRecipient,
@@ -52,6 +53,14 @@ PathLike = str | os.PathLike[str]
 Progress = Callable[[int], None]
 _U32 = struct.Struct(">I")
 _RING = 3  # chunk buffers in flight between the AES thread and the hash/write thread
+
+# (AESGCM.encrypt_into or decrypt_into, nonce, input, output): one chunk for the AES thread
+_AesJob = tuple[Callable[..., Any], bytes, memoryview, memoryview]
+
+
+def _aes_call(job: _AesJob) -> None:
+    method, nonce, data, dest = job
+    method(nonce, data, None, dest)
 
 
 # --- public result types -------------------------------------------------------------------
@@ -313,35 +322,38 @@ def _seal(
         out.write(preamble)
         out.write(header_mac)
         table = bytearray()
-        plain = memoryview(bytearray(chunk_size))
-        ring = [memoryview(bytearray(chunk_size + fmt.TAG_LEN)) for _ in range(_RING)]
+        plains = [memoryview(bytearray(chunk_size)) for _ in range(_RING)]
+        sealeds = [memoryview(bytearray(chunk_size + fmt.TAG_LEN)) for _ in range(_RING)]
+        in_flight: deque[memoryview] = deque()
 
-        def hash_and_write(sealed: memoryview) -> bytes:
+        def finish_oldest() -> None:  # hash and write the oldest chunk while AES runs on the next
+            aes.get()
+            sealed = in_flight.popleft()
+            table.extend(crypto.chunk_hash(sealed))
             out.write(sealed)
-            return crypto.chunk_hash(sealed)
 
-        with Stage(hash_and_write) as writer:
+        with Stage(_aes_call) as aes:
             k = 0
             for index, (_, path, size) in enumerate(files):
                 aead = keys.entry_aead(index)
                 count = fmt.n_chunks(size, chunk_size)
                 with open(path, "rb", buffering=0) as fh:
                     for j in range(count):
-                        if writer.pending == _RING:  # the next ring buffer is free once its chunk is written
-                            table += writer.get()
                         n = min(chunk_size, size - j * chunk_size)
-                        _read_exact(fh, plain[:n], path)  # type: ignore[arg-type]
-                        sealed = ring[k % _RING][: n + fmt.TAG_LEN]
-                        aead.encrypt_into(crypto.chunk_nonce(j, j == count - 1), plain[:n], None, sealed)
-                        yield_gil()
-                        writer.put(sealed)
+                        plain = plains[k % _RING][:n]
+                        _read_exact(fh, plain, path)  # type: ignore[arg-type]
+                        sealed = sealeds[k % _RING][: n + fmt.TAG_LEN]
+                        aes.put((aead.encrypt_into, crypto.chunk_nonce(j, j == count - 1), plain, sealed))
+                        in_flight.append(sealed)
+                        if aes.pending > 1:
+                            finish_oldest()
                         k += 1
                         if progress:
                             progress(n)
                     if fh.read(1):
                         raise ModelSealError(f"{path} grew while it was being sealed")
-            while writer.pending:
-                table += writer.get()
+            while aes.pending:
+                finish_oldest()
         sig = b""
         if signer is not None:
             sig = signer.sign(crypto.signed_message(manifest_bytes, crypto.table_root(table)))
@@ -465,7 +477,9 @@ class SealedModel:
         last = entry.chunks - 1 if last is None else last
         aead = self._keys.entry_aead(entry.index)
         bufs = [bytearray(cs + fmt.TAG_LEN), bytearray(cs + fmt.TAG_LEN)]
-        hasher: Stage[memoryview, bytes] | None = Stage(crypto.chunk_hash) if self._check_hashes else None
+        # AES-GCM holds the GIL, so it runs on its own thread while this one reads the next
+        # chunk and hashes this one (both release the GIL).
+        aes: Stage[_AesJob, None] | None = Stage(_aes_call) if last > first else None
 
         def load(j: int) -> memoryview:
             view = memoryview(bufs[j % 2])[: entry.chunk_plain_len(j, cs) + fmt.TAG_LEN]
@@ -478,19 +492,19 @@ class SealedModel:
             for j in range(first, last + 1):
                 n = len(cview) - fmt.TAG_LEN
                 dest = out[pos : pos + n]
-                if hasher is not None:
-                    hasher.put(cview)  # hashed on the other core while this chunk decrypts
+                job: _AesJob = (aead.decrypt_into, crypto.chunk_nonce(j, j == entry.chunks - 1), cview, dest)
+                if aes is not None:
+                    aes.put(job)
+                digest = crypto.chunk_hash(cview) if self._check_hashes else None
+                nxt = load(j + 1) if j < last else None
                 try:
-                    aead.decrypt_into(crypto.chunk_nonce(j, j == entry.chunks - 1), cview, None, dest)
+                    aes.get() if aes is not None else _aes_call(job)
                 except InvalidTag:
                     dest[:] = bytes(n)
                     raise IntegrityError() from None
-                if hasher is not None:
-                    yield_gil()
-                nxt = load(j + 1) if j < last else None
-                if hasher is not None:
+                if digest is not None:
                     k = entry.first_chunk + j
-                    if not hmac.compare_digest(hasher.get(), self._table[k * 32 : (k + 1) * 32]):
+                    if not hmac.compare_digest(digest, self._table[k * 32 : (k + 1) * 32]):
                         dest[:] = bytes(n)
                         raise IntegrityError()
                 yield j, dest
@@ -498,8 +512,8 @@ class SealedModel:
                 if nxt is not None:
                     cview = nxt
         finally:
-            if hasher is not None:
-                hasher.close()
+            if aes is not None:
+                aes.close()
 
     def read_into(self, path: str | None, buffer: Any, *, progress: Progress | None = None) -> int:
         """Decrypt a whole file into ``buffer``: any writable buffer (bytearray, memoryview,
