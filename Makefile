@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml requirements-dev.txt
 demo: $(STAMP)
 	$(BIN)/python examples/quickstart.py
 
-test: sysdeps lint typecheck unit fuzz
+test: sysdeps lint typecheck fuzz unit
 
 # System tools the tests use: strace watches loaders for file writes.
 sysdeps:
