@@ -27,6 +27,7 @@ from ._private.encoding import b64decode, b64encode, dumps_canonical
 from ._private.io import AtomicOutput, Source
 from ._private.paths import check_entry_path, check_entry_set
 from ._private.pipeline import Stage
+from ._private.sink import FileSink
 from .errors import IntegrityError, ModelSealError, SignatureError, WrongKeyError
 from .keys import (
     PassphraseRecipient,
@@ -635,8 +636,13 @@ class SealedModel:
             raise
 
     def _write_entry(self, entry: fmt.Entry, target: Path, progress: Progress | None) -> None:
-        with open(target, "xb") as fh:
-            self._drain(entry, lambda _, chunk: fh.write(chunk), progress)
+        sink = FileSink(target, entry.size, mode=0o600)  # plaintext: owner only
+        try:
+            self._drain(entry, lambda _, chunk: sink.write(chunk), progress)
+        except BaseException:
+            sink.abort()
+            raise
+        sink.close()
 
     def close(self) -> None:
         self._source.close()

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import TracebackType
 
 from ..errors import FormatError
+from .sink import FileSink
 
 _SHARD = re.compile(r"(?P<base>.+)-shard(?P<i>[1-9][0-9]*)of(?P<n>[1-9][0-9]*)")
 MAX_SHARDS = 10_000
@@ -133,7 +134,7 @@ class AtomicOutput:
         self._temps = [p.with_name(f".{p.name}.{tag}.tmp") for p in self.finals]
         self._k = 0
         self._left = self._limits[0]
-        self._fh = open(self._temps[0], "xb")  # noqa: SIM115 - closed in commit/abort
+        self._fh = FileSink(self._temps[0], self._limits[0])
         self._opened = 1
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -142,7 +143,7 @@ class AtomicOutput:
             if self._left == 0:
                 self._fh.close()
                 self._k += 1
-                self._fh = open(self._temps[self._k], "xb")  # noqa: SIM115
+                self._fh = FileSink(self._temps[self._k], self._limits[self._k])
                 self._opened += 1
                 self._left = self._limits[self._k]
             n = min(self._left, len(view))
@@ -167,7 +168,7 @@ class AtomicOutput:
         return self.finals
 
     def abort(self) -> None:
-        self._fh.close()
+        self._fh.abort()
         for tmp in self._temps[: self._opened]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
