@@ -16,6 +16,8 @@ import fcntl
 import mmap
 import os
 
+from .pipeline import Stage
+
 _BLOCK = 4 << 20  # staging buffer; a multiple of every logical block size in use
 _DIRECT = getattr(os, "O_DIRECT", 0)
 
@@ -36,9 +38,14 @@ class FileSink:
                 self._direct = True
             except OSError:
                 pass
-        self._buf = mmap.mmap(-1, _BLOCK)  # page-aligned, as O_DIRECT requires
-        self._view = memoryview(self._buf)
+        # Two page-aligned staging buffers (O_DIRECT needs aligned memory): one fills while a
+        # writer thread hands the other to the kernel, so a blocking disk write overlaps work.
+        self._bufs = [mmap.mmap(-1, _BLOCK) for _ in range(2 if size_hint >= 2 * _BLOCK else 1)]
+        self._views = [memoryview(b) for b in self._bufs]
+        self._cur = 0
+        self._view = self._views[0]
         self._fill = 0
+        self._writer: Stage[memoryview, None] | None = Stage(self._flush) if len(self._bufs) > 1 else None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
@@ -48,8 +55,18 @@ class FileSink:
             self._fill += n
             view = view[n:]
             if self._fill == _BLOCK:
-                self._flush(self._view)
-                self._fill = 0
+                self._block_full()
+
+    def _block_full(self) -> None:
+        if self._writer is None:
+            self._flush(self._view)
+        else:
+            self._writer.put(self._view)
+            if self._writer.pending > 1:  # the other buffer's write must finish before we refill it
+                self._writer.get()
+            self._cur ^= 1
+            self._view = self._views[self._cur]
+        self._fill = 0
 
     def _flush(self, block: memoryview) -> None:
         done = 0
@@ -71,18 +88,27 @@ class FileSink:
         if self.fd < 0:
             return
         try:
+            if self._writer is not None:
+                while self._writer.pending:
+                    self._writer.get()
             if self._fill:
                 if self._direct:
                     self._buffered()
                 self._flush(self._view[: self._fill])
                 self._fill = 0
         finally:
-            self._view.release()
-            self._buf.close()
+            if self._writer is not None:
+                self._writer.close()
+            for view, buf in zip(self._views, self._bufs, strict=True):
+                view.release()
+                buf.close()
             os.close(self.fd)
             self.fd = -1
 
     def abort(self) -> None:
-        """Close without writing what is staged."""
+        """Close without writing what is staged (a write already in flight may still land)."""
         self._fill = 0
+        if self._writer is not None:
+            self._writer.close()  # drops results, including errors
+            self._writer = None
         self.close()
