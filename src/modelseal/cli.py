@@ -406,6 +406,16 @@ def run(
         out.print(np.array2string(array, threshold=50, precision=5), highlight=False)
 
 
+def _add_keyserver() -> None:
+    # keyserver.cli imports only typer at module level; the server stack loads when a command runs.
+    from .keyserver.cli import app as keyserver_app
+
+    app.add_typer(keyserver_app, name="keyserver")
+
+
+_add_keyserver()
+
+
 def main() -> None:
     app()
 

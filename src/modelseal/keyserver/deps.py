@@ -1,0 +1,85 @@
+"""Request dependencies: the service, admin authentication and strict JSON bodies (spec §7.1)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ValidationError
+
+from .._private.encoding import loads_strict
+from ..errors import FormatError
+from .errors import InvalidCredential, MalformedRequest, RequestTooLarge, UnsupportedMediaType
+from .services import Admin, KeyServer
+
+M = TypeVar("M", bound=BaseModel)
+_bearer = HTTPBearer(auto_error=False, description="MSEAL-ADMIN:… admin token")
+
+
+def get_keyserver(request: Request) -> KeyServer:
+    server: KeyServer = request.app.state.keyserver
+    return server
+
+
+KeyServerDep = Annotated[KeyServer, Depends(get_keyserver)]
+
+
+def get_admin(
+    server: KeyServerDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Admin:
+    if credentials is None:
+        raise InvalidCredential("an admin token is required (Authorization: Bearer MSEAL-ADMIN:…)")
+    return server.authenticate_admin(credentials.credentials)
+
+
+AdminDep = Annotated[Admin, Depends(get_admin)]
+
+
+async def read_json(request: Request) -> Any:
+    """The body as strict JSON: media type, then size (checked while reading), then syntax."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise UnsupportedMediaType("the request body must be application/json")
+    limit: int = request.app.state.settings.max_body_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(f"the request body exceeds {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestTooLarge(f"the request body exceeds {limit} bytes")
+    try:
+        value = loads_strict(bytes(body), section="request body")
+    except FormatError as exc:
+        raise MalformedRequest(exc.detail, fields=["$"]) from None
+    request.state.json = value
+    return value
+
+
+def _validated(model: type[M], value: Any) -> M:
+    try:
+        return model.model_validate(value, strict=True)
+    except ValidationError as exc:
+        fields = sorted(
+            {"$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]) for e in exc.errors()}
+        )
+        raise MalformedRequest("the request body does not match the schema", fields=fields) from None
+
+
+def body(model: type[M]) -> Callable[[Request], M]:
+    """Dependency: the strict-JSON body validated as ``model`` (declare ``read_json`` on the route first)."""
+
+    def dependency(request: Request) -> M:
+        return _validated(model, request.state.json)
+
+    return dependency
+
+
+def json_body_docs(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI ``requestBody`` for a route whose body is parsed by :func:`read_json`."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}

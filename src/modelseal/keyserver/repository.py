@@ -1,0 +1,322 @@
+"""Database access: engine, units of work (spec §5.3), migrations and SQLAlchemy Core statements.
+
+Database errors are mapped to domain errors here (unique violations → :class:`Conflict`, lock
+contention after retries → :class:`Busy`); nothing above this module sees SQLAlchemy exceptions.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import Connection, Engine, Row, create_engine, event, func, insert, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+from . import schema as t
+from .errors import Busy, Conflict
+
+T = TypeVar("T")
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from typing_extensions import Unpack
+
+    DbRow: TypeAlias = Row[Unpack[tuple[Any, ...]]]
+MIGRATIONS = Path(__file__).parent / "migrations"
+RETRIES = 3
+_PG_RETRY_STATES = {"40001", "40P01", "55P03"}  # serialization failure, deadlock, lock not available
+
+
+class Database:
+    """An engine plus the ``read()`` and ``write()`` units of work of spec §5.3."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        max_overflow: int = 10,
+        sqlite_synchronous: str = "NORMAL",
+        busy_timeout_ms: int = 5000,
+    ) -> None:
+        self.url = url
+        parsed = make_url(url)
+        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        self._lock_path: Path | None = None
+        if self.is_sqlite:
+            if not parsed.database or parsed.database == ":memory:":
+                raise ValueError("the key server needs a SQLite file, not an in-memory database")
+            db_path = Path(parsed.database)
+            db_path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_path = db_path.with_name(db_path.name + ".write-lock")
+            self.engine: Engine = create_engine(url, pool_size=pool_size, max_overflow=max_overflow)
+            sync = sqlite_synchronous
+
+            @event.listens_for(self.engine, "connect")
+            def _connect(dbapi_conn: Any, _record: Any) -> None:
+                dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute(f"PRAGMA synchronous={sync}")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+                cur.close()
+
+            @event.listens_for(self.engine, "begin")
+            def _begin(conn: Connection) -> None:
+                mode = conn.get_execution_options().get("sqlite_begin", "")
+                conn.exec_driver_sql(f"BEGIN {mode}".strip())
+
+        else:
+            self.engine = create_engine(
+                url,
+                pool_size=pool_size,
+                max_overflow=max_overflow,
+                pool_pre_ping=True,
+                isolation_level="READ COMMITTED",
+            )
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read-only unit: one snapshot (SQLite ``BEGIN``), rolled back at the end."""
+        with self.engine.connect() as conn:
+            conn.begin()
+            try:
+                yield conn
+            finally:
+                conn.rollback()
+
+    @contextmanager
+    def _writer(self) -> Iterator[Connection]:
+        if self._lock_path is None:
+            with self.engine.connect() as conn, conn.begin():
+                yield conn
+            return
+        # Writers on one host queue on a kernel lock instead of SQLite's sleeping busy handler.
+        with self._lock_path.open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                with self.engine.connect() as conn:
+                    conn.execution_options(sqlite_begin="IMMEDIATE")
+                    with conn.begin():
+                        yield conn
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def write(self, unit: Callable[[Connection], T]) -> T:
+        """Run ``unit`` in one write transaction, retrying lock contention (spec §5.3).
+
+        Raises:
+            Conflict: a unique constraint rejected the change.
+            Busy: the database stayed locked through every retry.
+        """
+        for attempt in range(RETRIES + 1):
+            try:
+                with self._writer() as conn:
+                    return unit(conn)
+            except IntegrityError as exc:
+                raise Conflict("the change conflicts with an existing object") from exc
+            except (OperationalError, DBAPIError) as exc:
+                if not self._retryable(exc):
+                    raise
+                if attempt == RETRIES:
+                    raise Busy("the database is busy; retry shortly") from exc
+                time.sleep(random.uniform(0.005, 0.05) * (attempt + 1))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _retryable(self, exc: DBAPIError) -> bool:
+        if self.is_sqlite:
+            return "locked" in str(exc.orig) or "busy" in str(exc.orig)
+        return getattr(exc.orig, "sqlstate", None) in _PG_RETRY_STATES
+
+    # --- migrations ---------------------------------------------------------------------
+
+    def _alembic_config(self) -> Any:
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        return cfg
+
+    def migrate(self, revision: str = "head") -> None:
+        """Bring the schema to ``revision`` with the Alembic migrations (the only way it is created)."""
+        from alembic import command
+
+        cfg = self._alembic_config()
+        with self._writer() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+
+    def head_revision(self) -> str | None:
+        from alembic.script import ScriptDirectory
+
+        return ScriptDirectory.from_config(self._alembic_config()).get_current_head()
+
+    def current_revision(self) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
+        with self.read() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def is_ready(self) -> bool:
+        """The database answers and its schema is at the newest migration."""
+        try:
+            return self.current_revision() == self.head_revision()
+        except Exception:  # any driver error means "not ready"; /readyz answers 503
+            return False
+
+
+# --- statements -----------------------------------------------------------------------------
+
+
+def get_secrets(conn: Connection) -> dict[str, DbRow]:
+    return {r.name: r for r in conn.execute(select(t.server_secrets))}
+
+
+def insert_secret(conn: Connection, name: str, kek_id: str, wrapped: bytes, now: int) -> None:
+    conn.execute(insert(t.server_secrets).values(name=name, kek_id=kek_id, wrapped=wrapped, created_at=now))
+
+
+def insert_server_key(conn: Connection, kid: bytes, purpose: str, public_key: bytes, now: int) -> None:
+    conn.execute(insert(t.server_keys).values(kid=kid, purpose=purpose, public_key=public_key, created_at=now))
+
+
+def server_keys(conn: Connection) -> Sequence[DbRow]:
+    return conn.execute(select(t.server_keys).order_by(t.server_keys.c.created_at)).all()
+
+
+def insert_publisher(conn: Connection, pub_id: str, name: str, now: int) -> None:
+    conn.execute(insert(t.publishers).values(id=pub_id, name=name, created_at=now))
+
+
+def publisher_by_name_or_id(conn: Connection, ref: str) -> DbRow | None:
+    p = t.publishers
+    return conn.execute(select(p).where((p.c.id == ref) | (p.c.name == ref))).first()
+
+
+def count_publishers(conn: Connection) -> int:
+    return int(conn.execute(select(func.count()).select_from(t.publishers)).scalar_one())
+
+
+def insert_admin_token(
+    conn: Connection, token_id: str, publisher_id: str, secret_hash: bytes, label: str | None, now: int
+) -> None:
+    conn.execute(
+        insert(t.admin_tokens).values(
+            id=token_id, publisher_id=publisher_id, secret_hash=secret_hash, label=label, created_at=now
+        )
+    )
+
+
+def admin_token_with_publisher(conn: Connection, token_id: str) -> DbRow | None:
+    a, p = t.admin_tokens, t.publishers
+    stmt = (
+        select(a.c.id, a.c.publisher_id, a.c.secret_hash, a.c.revoked_at, p.c.disabled_at)
+        .join(p, p.c.id == a.c.publisher_id)
+        .where(a.c.id == token_id)
+    )
+    return conn.execute(stmt).first()
+
+
+def revoke_admin_token(conn: Connection, token_id: str, now: int) -> DbRow | None:
+    a = t.admin_tokens
+    conn.execute(update(a).where(a.c.id == token_id, a.c.revoked_at.is_(None)).values(revoked_at=now))
+    return conn.execute(select(a).where(a.c.id == token_id)).first()
+
+
+def insert_model(conn: Connection, model_id: str, publisher_id: str, name: str, now: int) -> None:
+    conn.execute(insert(t.models).values(id=model_id, publisher_id=publisher_id, name=name, created_at=now))
+
+
+def _model_select() -> Any:
+    m, k = t.models, t.model_keys
+    keys = select(func.count()).where(k.c.model_id == m.c.id).scalar_subquery().label("keys")
+    return select(m.c.id, m.c.publisher_id, m.c.name, m.c.created_at, keys)
+
+
+def get_model(conn: Connection, publisher_id: str, model_id: str) -> DbRow | None:
+    m = t.models
+    return conn.execute(_model_select().where(m.c.id == model_id, m.c.publisher_id == publisher_id)).first()
+
+
+def list_models(conn: Connection, publisher_id: str, after: str | None, limit: int) -> Sequence[DbRow]:
+    m = t.models
+    stmt = _model_select().where(m.c.publisher_id == publisher_id)
+    if after is not None:
+        stmt = stmt.where(m.c.id > after)
+    return conn.execute(stmt.order_by(m.c.id).limit(limit)).all()
+
+
+def model_key_by_commitment(conn: Connection, key_commitment: bytes) -> DbRow | None:
+    return conn.execute(select(t.model_keys).where(t.model_keys.c.key_commitment == key_commitment)).first()
+
+
+def insert_model_key(
+    conn: Connection, model_id: str, key_commitment: bytes, salt: bytes, kek_id: str, wrapped: bytes, now: int
+) -> None:
+    conn.execute(
+        insert(t.model_keys).values(
+            model_id=model_id,
+            key_commitment=key_commitment,
+            salt=salt,
+            kek_id=kek_id,
+            wrapped_key=wrapped,
+            created_at=now,
+        )
+    )
+
+
+def revoke_model_key(conn: Connection, key_commitment: bytes, reason: str, now: int) -> bool:
+    k = t.model_keys
+    stmt = (
+        update(k)
+        .where(k.c.key_commitment == key_commitment, k.c.revoked_at.is_(None))
+        .values(revoked_at=now, revoke_reason=reason)
+    )
+    return conn.execute(stmt).rowcount == 1
+
+
+# --- audit ----------------------------------------------------------------------------------
+
+
+def lock_audit_head(conn: Connection, chain: int) -> DbRow:
+    """The chain's head, locked until commit (PostgreSQL ``FOR UPDATE``; SQLite holds the write lock)."""
+    h = t.audit_heads
+    stmt = select(h.c.seq, h.c.hash).where(h.c.chain == chain)
+    if conn.dialect.name != "sqlite":
+        stmt = stmt.with_for_update()
+    return conn.execute(stmt).one()
+
+
+def append_audit(conn: Connection, row: dict[str, Any]) -> None:
+    """Insert one record and advance the head; the head update must match exactly one row."""
+    conn.execute(insert(t.audit_log).values(**row))
+    h = t.audit_heads
+    stmt = (
+        update(h).where(h.c.chain == row["chain"], h.c.seq == row["seq"] - 1).values(seq=row["seq"], hash=row["hash"])
+    )
+    if conn.execute(stmt).rowcount != 1:
+        raise Busy("the audit chain head moved; retry")
+
+
+def audit_heads(conn: Connection) -> Sequence[DbRow]:
+    return conn.execute(select(t.audit_heads).order_by(t.audit_heads.c.chain)).all()
+
+
+def audit_records(
+    conn: Connection, chain: int, after_seq: int, limit: int, publisher_id: str | None = None
+) -> Sequence[DbRow]:
+    a = t.audit_log
+    stmt = select(a).where(a.c.chain == chain, a.c.seq > after_seq)
+    if publisher_id is not None:
+        stmt = stmt.where(a.c.publisher_id == publisher_id)
+    return conn.execute(stmt.order_by(a.c.seq).limit(limit)).all()
