@@ -185,7 +185,7 @@ def detect_format(paths: Sequence[str]) -> str:
     return "unknown"
 
 
-def _read_exact(fh: io.BufferedReader, view: memoryview, path: Path) -> None:
+def _read_exact(fh: io.RawIOBase | io.BufferedReader, view: memoryview, path: Path) -> None:
     done = 0
     while done < len(view):
         n = fh.readinto(view[done:])
@@ -342,7 +342,7 @@ def _seal(
                     for j in range(count):
                         n = min(chunk_size, size - j * chunk_size)
                         plain = plains[k % _RING][:n]
-                        _read_exact(fh, plain, path)  # type: ignore[arg-type]
+                        _read_exact(fh, plain, path)
                         sealed = sealeds[k % _RING][: n + fmt.TAG_LEN]
                         aes.put((aead.encrypt_into, crypto.chunk_nonce(j, j == count - 1), plain, sealed))
                         in_flight.append(sealed)
@@ -466,7 +466,7 @@ class SealedModel:
 
     # decryption --------------------------------------------------------------------------
     def _chunks(
-        self, entry: fmt.Entry, out: memoryview, first: int = 0, last: int | None = None
+        self, entry: fmt.Entry, out: memoryview | _ChunkWindow, first: int = 0, last: int | None = None
     ) -> Generator[tuple[int, memoryview], None, None]:
         """Decrypt chunks ``first..last`` of ``entry`` into ``out``, yielding each once authenticated.
 
@@ -567,7 +567,7 @@ class SealedModel:
             write(*item)
 
         with Stage(call) as writer:
-            for j, chunk in self._chunks(entry, window):  # type: ignore[arg-type]
+            for j, chunk in self._chunks(entry, window):
                 writer.put((j, chunk))
                 if progress:
                     progress(len(chunk))
@@ -676,7 +676,7 @@ class _EntryReader(io.RawIOBase):
         self._entry = entry
         cs = model._header.chunk_size
         self._buf = bytearray(cs)
-        self._chunks = model._chunks(entry, _ChunkWindow(self._buf, cs))  # type: ignore[arg-type]
+        self._chunks = model._chunks(entry, _ChunkWindow(self._buf, cs))
         self._pending = memoryview(b"")
 
     def readable(self) -> bool:
