@@ -11,17 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
-pytest.importorskip("fastapi")
-pytest.importorskip("sqlalchemy")
-
-from fastapi.testclient import TestClient  # noqa: E402
-
-from modelseal.keyserver.app import create_app  # noqa: E402
-from modelseal.keyserver.bootstrap import open_keyserver  # noqa: E402
-from modelseal.keyserver.crypto import LocalKey  # noqa: E402
-from modelseal.keyserver.services import Admin, KeyServer  # noqa: E402
-from modelseal.keyserver.settings import Settings  # noqa: E402
+from modelseal.keyserver.app import create_app
+from modelseal.keyserver.bootstrap import open_keyserver
+from modelseal.keyserver.crypto import LocalKey
+from modelseal.keyserver.services import Admin, KeyServer
+from modelseal.keyserver.settings import Settings
 
 PG_PASSWORD = "not-a-default-9f2c"  # trust auth ignores it; the settings check wants a non-default one
 
@@ -57,7 +53,7 @@ class PostgresServer:
             shutil.chown(self.root, "postgres")
             shutil.chown(self.sock, "postgres")
         self._run("initdb", "-D", str(self.data), "-U", "modelseal", "-A", "trust", "-E", "UTF8", "--no-sync")
-        opts = f"-k {self.sock} -c listen_addresses='' -c max_connections=300 -c fsync=off"
+        opts = f"-k {self.sock} -c listen_addresses='' -c max_connections=300 -c fsync=on"
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "start", "-o", opts)
 
     def stop(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -32,7 +33,7 @@ def audit_verify(settings: Settings) -> tuple[int, list[dict[str, Any]]]:
     return result.exit_code, problems
 
 
-def _sql(server: KeyServer, *statements: str) -> None:
+def _sql(server: KeyServer, *statements: str, params: dict[str, Any] | None = None) -> None:
     """Act as a database owner: drop the append-only triggers, then edit the log directly."""
     with server.db.engine.begin() as conn:
         if conn.dialect.name == "sqlite":
@@ -41,7 +42,7 @@ def _sql(server: KeyServer, *statements: str) -> None:
         else:
             conn.execute(text("DROP TRIGGER IF EXISTS audit_log_append_only ON audit_log"))
         for stmt in statements:
-            conn.execute(text(stmt))
+            conn.execute(text(stmt), params or {})
 
 
 @pytest.fixture
@@ -64,7 +65,7 @@ def test_records_chain_and_verify(logged: KeyServer, settings: Settings, admin: 
     assert [r["event"] for r in rows[:2]] == ["publisher.created", "admin-token.created"]
     assert {r["event"] for r in rows[2:]} == {"model.created"}
     assert bytes(rows[0]["prev_hash"]) == bytes(32)
-    for prev, row in zip(rows, rows[1:], strict=False):
+    for prev, row in itertools.pairwise(rows):
         assert bytes(row["prev_hash"]) == bytes(prev["hash"])
     for row in rows:
         assert audit.record_hash(logged.secrets.audit_key, row) == bytes(row["hash"])
@@ -91,17 +92,19 @@ def test_canonical_record_matches_spec_shape(logged: KeyServer) -> None:
         "detail",
         "prev",
     }
-    from modelseal._private.crypto import LABEL
-    from modelseal._private.encoding import dumps_canonical
-
     import hashlib
     import hmac
+
+    from modelseal._private.crypto import LABEL
+    from modelseal._private.encoding import dumps_canonical
 
     expected = hmac.new(logged.secrets.audit_key, LABEL + b"audit-record\x00" + dumps_canonical(c), hashlib.sha256)
     assert expected.digest() == bytes(row["hash"])
 
 
-@pytest.mark.parametrize("verb", ["UPDATE audit_log SET event = 'x' WHERE seq = 1", "DELETE FROM audit_log WHERE seq = 1"])
+@pytest.mark.parametrize(
+    "verb", ["UPDATE audit_log SET event = 'x' WHERE seq = 1", "DELETE FROM audit_log WHERE seq = 1"]
+)
 def test_triggers_make_the_log_append_only(logged: KeyServer, verb: str) -> None:
     with pytest.raises(DBAPIError, match="append-only"), logged.db.engine.begin() as conn:
         conn.execute(text(verb))
@@ -110,20 +113,37 @@ def test_triggers_make_the_log_append_only(logged: KeyServer, verb: str) -> None
 @pytest.mark.parametrize(
     ("column", "value"),
     [
-        ("detail", "'{\"name\":\"evil\"}'"),
+        ("detail", '\'{"name":"evil"}\''),
+        ("detail", '\'{"name": "model-2"}\''),  # same meaning, not the canonical text
         ("event", "'model-key.revoked'"),
         ("actor", "'cli'"),
         ("publisher_id", "NULL"),
+        ("code", "'x'"),
+        ("licence_id", "'lic_x'"),
+        ("device_id", "'dev_x'"),
+        ("model_id", "NULL"),
+        ("grant_id", "'grt_x'"),
         ("ts_us", "ts_us + 1"),
         ("outcome", "'denied'"),
+        ("chain", "1"),
     ],
 )
 def test_edited_record_detected(logged: KeyServer, settings: Settings, column: str, value: str) -> None:
     _sql(logged, f"UPDATE audit_log SET {column} = {value} WHERE seq = 4")
     code, problems = audit_verify(settings)
     assert code == 1
-    assert _seqs(problems) == {4}
-    assert "edited" in problems[0]["problem"]
+    if column == "chain":  # the record left chain 0: a gap there
+        assert {p["chain"] for p in problems} == {0} and 5 in _seqs(problems)
+    else:
+        assert _seqs(problems) == {4}
+        assert "edited" in problems[0]["problem"]
+
+
+@pytest.mark.parametrize("column", ["hash", "prev_hash"])
+def test_edited_hash_columns_detected(logged: KeyServer, settings: Settings, column: str) -> None:
+    _sql(logged, f"UPDATE audit_log SET {column} = :v WHERE seq = 4", params={"v": bytes(range(32))})
+    code, problems = audit_verify(settings)
+    assert code == 1 and 4 in _seqs(problems)
 
 
 def test_deleted_record_detected(logged: KeyServer, settings: Settings) -> None:

@@ -97,13 +97,16 @@ def test_unknown_route_and_wrong_method(client: TestClient) -> None:
 
 
 def test_openapi_lists_every_route(client: TestClient) -> None:
-    doc = client.get("/openapi.json", headers={"Authorization": ""}).json()
+    r = client.get("/openapi.json", headers={"Authorization": ""})
+    doc = r.json()
     assert doc["openapi"].startswith("3.1")
     for path in ["/v1/server-info", "/v1/admin/models", "/v1/admin/models/{model_id}/keys", "/v1/admin/audit"]:
         assert path in doc["paths"]
     post = doc["paths"]["/v1/admin/models"]["post"]
     assert post["requestBody"]["content"]["application/json"]["schema"]["properties"]["name"]
     assert {"401", "409"} <= set(post["responses"])
+    refs = [m.group(1) for m in __import__("re").finditer(r'"#/components/schemas/([^"]+)"', r.text)]
+    assert refs and all(ref in doc["components"]["schemas"] for ref in refs)
 
 
 def test_docs_can_be_turned_off(settings: Settings, keyserver: KeyServer) -> None:
@@ -127,6 +130,8 @@ BAD_BODIES: list[tuple[bytes, str]] = [
     (b"null", "null"),
     (b"[" * 5000 + b"]" * 5000, "deep nesting"),
     (b"", "empty"),
+    (b'{"name": "\\ud800"}', "lone surrogate"),
+    (b'{"name": "\\u0085"}', "C1 control"),
 ]
 
 
@@ -142,6 +147,24 @@ def test_fields_name_the_member_without_echoing_values(client: TestClient) -> No
     err = _error(client.post(f"/v1/admin/models/{MDL}/keys", json=body), 400, "malformed-request")
     assert err["fields"] == ["$.escrow.body", "$.escrow.epk", "$.key_commitment", "$.salt"]
     assert "secret-looking-value" not in str(err)
+    body = {"key_commitment": "A" * 43 + "B", "salt": "A" * 42 + "B=", "escrow": {"epk": "A" * 44, "body": "A" * 64}}
+    err = _error(client.post(f"/v1/admin/models/{MDL}/keys", json=body), 400, "malformed-request")
+    assert err["fields"] == ["$.escrow.epk", "$.key_commitment", "$.salt"]  # bad padding, non-canonical bits
+
+
+def test_size_and_media_type_are_checked_before_credentials(client: TestClient) -> None:
+    client.headers.pop("Authorization")
+    _error(client.post("/v1/admin/models", content=b"x"), 415, "unsupported-media-type")
+    big = b'{"name": "' + b"x" * 70000 + b'"}'
+    _error(
+        client.post("/v1/admin/models", content=big, headers={"Content-Type": "application/json"}),
+        413,
+        "request-too-large",
+    )
+    # then credentials, before the body's syntax or schema
+    _error(client.post("/v1/admin/models", json={"bad": 1}), 401, "invalid-credential")
+    r = client.post("/v1/admin/models", content=b"{", headers={"Content-Type": "application/json"})
+    _error(r, 401, "invalid-credential")
 
 
 def test_media_type_and_size(client: TestClient) -> None:
@@ -166,7 +189,8 @@ def test_media_type_and_size(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize(
-    "query", ["limit=0", "limit=501", "limit=abc", "after_seq=-1", "chain=x", "after_seq=99999999999999999999999"]
+    "query",
+    ["limit=0", "limit=501", "limit=abc", "after_seq=-1", "chain=x", "after_seq=99999999999999999999999", "after=%00"],
 )
 def test_bad_query_parameters_are_400(client: TestClient, query: str) -> None:
     path = "/v1/admin/audit" if "seq" in query or "chain" in query else "/v1/admin/models"

@@ -19,6 +19,10 @@ def _text(n: int) -> AfterValidator:
             raise ValueError(f"must be 1 to {n} characters")
         if _CONTROL.search(value):
             raise ValueError("must not contain control characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape
+            raise ValueError("must be valid Unicode") from None
         return value
 
     return AfterValidator(check)

@@ -94,9 +94,18 @@ def create_app(settings: Settings | None = None, *, keyserver: KeyServer | None 
         log.exception("internal error (a bug) in request %s", _request_id(request))
         return JSONResponse(error_body(request, "internal", "internal error"), 500)
 
+    from .deps import OPENAPI_COMPONENTS
     from .routes import router
 
     app.include_router(router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(OPENAPI_COMPONENTS)
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

@@ -76,6 +76,8 @@ def decode_secret(prefix: str, text: str) -> SecretString | None:
         raw = decode_key(prefix, text, length=48, what="credential")
     except (ValueError, TypeError):
         return None
+    if encode_key(prefix, raw) != text:  # one spelling per credential: no padding-bit aliases
+        return None
     return SecretString(raw[:16], raw[16:])
 
 

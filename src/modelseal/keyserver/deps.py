@@ -15,6 +15,7 @@ from .errors import InvalidCredential, MalformedRequest, RequestTooLarge, Unsupp
 from .services import Admin, KeyServer
 
 M = TypeVar("M", bound=BaseModel)
+OPENAPI_COMPONENTS: dict[str, Any] = {}  # nested body schemas, added to the document by create_app
 _bearer = HTTPBearer(auto_error=False, description="MSEAL-ADMIN:… admin token")
 
 
@@ -37,8 +38,8 @@ def get_admin(
 AdminDep = Annotated[Admin, Depends(get_admin)]
 
 
-async def read_json(request: Request) -> Any:
-    """The body as strict JSON: media type, then size (checked while reading), then syntax."""
+async def read_json(request: Request) -> None:
+    """Media type, then size (checked while reading); runs before authentication (spec §7.1)."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != "application/json":
         raise UnsupportedMediaType("the request body must be application/json")
@@ -46,34 +47,35 @@ async def read_json(request: Request) -> Any:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise RequestTooLarge(f"the request body exceeds {limit} bytes")
-    body = bytearray()
+    raw = bytearray()
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
+        raw += chunk
+        if len(raw) > limit:
             raise RequestTooLarge(f"the request body exceeds {limit} bytes")
+    request.state.raw_body = bytes(raw)
+
+
+def _validated(model: type[M], raw: bytes) -> M:
     try:
-        value = loads_strict(bytes(body), section="request body")
+        value = loads_strict(raw, section="request body")
     except FormatError as exc:
         raise MalformedRequest(exc.detail, fields=["$"]) from None
-    request.state.json = value
-    return value
-
-
-def _validated(model: type[M], value: Any) -> M:
     try:
         return model.model_validate(value, strict=True)
     except ValidationError as exc:
-        fields = sorted(
-            {"$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]) for e in exc.errors()}
-        )
-        raise MalformedRequest("the request body does not match the schema", fields=fields) from None
+        paths = ("$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]) for e in exc.errors())
+        raise MalformedRequest("the request body does not match the schema", fields=sorted(set(paths))) from None
 
 
 def body(model: type[M]) -> Callable[[Request], M]:
-    """Dependency: the strict-JSON body validated as ``model`` (declare ``read_json`` on the route first)."""
+    """Dependency: the body as strict JSON (no duplicates, fractions, NaN) validated as ``model``.
+
+    Declare ``read_json`` on the route and the admin dependency before this one, so the order of
+    checks is size and media type → credential → body.
+    """
 
     def dependency(request: Request) -> M:
-        return _validated(model, request.state.json)
+        return _validated(model, request.state.raw_body)
 
     return dependency
 
@@ -81,5 +83,5 @@ def body(model: type[M]) -> Callable[[Request], M]:
 def json_body_docs(model: type[BaseModel]) -> dict[str, Any]:
     """OpenAPI ``requestBody`` for a route whose body is parsed by :func:`read_json`."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    schema.pop("$defs", None)
+    OPENAPI_COMPONENTS.update(schema.pop("$defs", {}))
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}

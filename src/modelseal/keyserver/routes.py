@@ -15,6 +15,7 @@ from .services import Model
 
 router = APIRouter()
 Limit = Annotated[int, Query(ge=1, le=500)]
+AfterModel = Annotated[str | None, Query(pattern=r"^mdl_[A-Za-z0-9_-]{22}$")]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"description": text}
     for code, text in {400: "malformed-request", 401: "invalid-credential", 404: "not-found", 503: "busy"}.items()
@@ -63,7 +64,7 @@ def create_model(
 
 
 @router.get("/v1/admin/models", responses=_ERRORS)
-def list_models(admin: AdminDep, server: KeyServerDep, limit: Limit = 100, after: str | None = None) -> dict[str, Any]:
+def list_models(admin: AdminDep, server: KeyServerDep, limit: Limit = 100, after: AfterModel = None) -> dict[str, Any]:
     items, next_id = server.list_models(admin, after=after, limit=limit)
     return {"items": [_model_view(m) for m in items], "next": next_id}
 
