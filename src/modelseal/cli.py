@@ -5,6 +5,7 @@ Library errors are translated to messages and exit codes in one place
 
     0 ok · 1 other modelseal error · 2 usage · 3 FormatError · 4 IntegrityError
     5 SignatureError · 6 WrongKeyError · 7 file system error (missing file, permission)
+    8 ModelLoadError · 9 UnsafeModelError · 10 key server refused · 11 key server unreachable
 """
 
 from __future__ import annotations
@@ -414,6 +415,17 @@ def _add_keyserver() -> None:
 
 
 _add_keyserver()
+
+
+def _add_keyserver_client() -> None:
+    # keyserver_client imports only typer and the core library at module level; httpx loads when
+    # a command talks to a server.
+    from .keyserver_client import register
+
+    register(app, _translate)
+
+
+_add_keyserver_client()
 
 
 def main() -> None:

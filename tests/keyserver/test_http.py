@@ -77,6 +77,7 @@ def _routes() -> list[tuple[str, str]]:
     for route in router.routes:
         if isinstance(route, APIRoute) and route.path not in EXEMPT:
             path = route.path.replace("{model_id}", MDL).replace("{key_commitment}", "A" * 43)
+            path = path.replace("{licence_id}", "lic_" + "A" * 22).replace("{device_id}", "dev_" + "A" * 22)
             out += [(m, path) for m in route.methods]
     return out
 
@@ -86,9 +87,13 @@ def test_every_route_authenticates(client: TestClient) -> None:
     assert len(routes) >= 7
     client.headers.pop("Authorization")
     for method, path in routes:
+        # Licence routes answer invalid-licence; every other route invalid-credential.
+        code = "invalid-licence" if path == "/v1/activations" else "invalid-credential"
         for headers in ({}, {"Authorization": "Bearer MSEAL-LICENCE:" + "A" * 70}):
             r = client.request(method, path, headers=headers, json={})
-            _error(r, 401, "invalid-credential")
+            _error(r, 401, code)
+        if code == "invalid-licence":  # and the wrong kind of credential
+            _error(client.request(method, path, headers={"Authorization": "Bearer MSEAL-ADMIN:x"}, json={}), 401, code)
 
 
 def test_unknown_route_and_wrong_method(client: TestClient) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from .._private.encoding import b64decode
 from ..errors import FormatError
@@ -43,6 +43,10 @@ Text128 = Annotated[str, _text(128)]
 Text256 = Annotated[str, _text(256)]
 B64_32 = Annotated[str, _b64(32)]
 B64_48 = Annotated[str, _b64(48)]
+B64_8 = Annotated[str, _b64(8)]
+ModelId = Annotated[str, Field(pattern=r"^mdl_[A-Za-z0-9_-]{22}$")]
+Time = Annotated[int, Field(ge=0, le=2**40)]
+TsUs = Annotated[int, Field(ge=0, le=2**52)]
 
 
 class Strict(BaseModel):
@@ -66,3 +70,31 @@ class KeyRegister(Strict):
 
 class Revoke(Strict):
     reason: Text256
+
+
+class PolicyIn(Strict):
+    """``Policy`` of spec §7.7; ranges as the ``CHECK`` constraints of §5.2."""
+
+    models: Annotated[list[ModelId], Field(min_length=1, max_length=1000)]
+    max_devices: Annotated[int, Field(ge=1, le=1_000_000)]
+    expires_at: Time | None
+    opens_per_day: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+    offline_grace_s: Annotated[int, Field(ge=0, le=31_536_000)] = 0
+    recheck_interval_s: Annotated[int, Field(ge=60, le=2_592_000)] = 3600
+    grant_ttl_s: Annotated[int, Field(ge=60, le=31_536_000)] = 86400
+
+
+class LicenceCreate(Strict):
+    label: Text128 | None = None
+    policy: PolicyIn
+
+
+class Activate(Strict):
+    """``POST /v1/activations`` (spec §7.3)."""
+
+    aud: B64_8
+    ts: TsUs
+    x25519_public_key: B64_32
+    ed25519_public_key: B64_32
+    fingerprint: B64_32
+    label: Text128 | None = None

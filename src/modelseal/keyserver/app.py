@@ -72,7 +72,7 @@ def create_app(settings: Settings | None = None, *, keyserver: KeyServer | None 
 
     @app.exception_handler(DomainError)
     async def domain_error(request: Request, exc: DomainError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
+        headers = {"Retry-After": str(exc.retry_after or 1)} if exc.status in (429, 503) else None
         return JSONResponse(error_body(request, exc.code, exc.message, exc.fields), exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)

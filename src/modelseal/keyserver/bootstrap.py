@@ -9,7 +9,7 @@ from .crypto import LocalKey, write_master_key_file
 from .errors import SettingsError
 from .repository import Database
 from .services import Clock, KeyServer, RandomSource, initialize
-from .settings import Settings, check_settings
+from .settings import Settings, check_settings, parse_rate
 
 log = logging.getLogger("modelseal.keyserver")
 
@@ -76,6 +76,11 @@ def open_keyserver(
         rng=rng,
         clock_skew_s=settings.clock_skew_s,
         offline_request_max_age_s=settings.offline_request_max_age_s,
+        rates={
+            "activate-ip": parse_rate(settings.rate_activate_ip),
+            "activate-licence": parse_rate(settings.rate_activate_licence),
+            "auth-fail-ip": parse_rate(settings.rate_auth_fail_ip),
+        },
     )
     if bootstrap:
         token = settings.dev_admin_token.get_secret_value() if settings.dev_admin_token else None

@@ -24,6 +24,7 @@ from .errors import CommitmentMismatch, EscrowInvalid, KeyUnavailable, SettingsE
 
 MASTER_PREFIX = "MSEAL-KS-MASTER:"
 ADMIN_PREFIX = "MSEAL-ADMIN:"
+LICENCE_PREFIX = "MSEAL-LICENCE:"
 DEV_MASTER_KEY = hashlib.sha256(b"modelseal/v1 dev master key, never use in production").digest()
 ID_RE = re.compile(r"^(pub|adm|mdl|lic|dev|grt|tok|ofr)_[A-Za-z0-9_-]{22}$")
 _WRAP_VERSION = b"\x01"
@@ -149,6 +150,42 @@ def write_master_key_file(path: Path) -> LocalKey:
     with os.fdopen(fd, "w", encoding="ascii") as fh:
         fh.write(text + "\n")
     return kek
+
+
+def fingerprint_hash(pepper: bytes, fingerprint: bytes) -> bytes:
+    """``HMAC(pepper, L || "fingerprint\\0" || fingerprint)``: the server never stores the fingerprint (§7.3)."""
+    return hmac.new(pepper, LABEL + b"fingerprint\x00" + fingerprint, hashlib.sha256).digest()
+
+
+def rate_key(pepper: bytes, value: str) -> bytes:
+    """``HMAC(pepper, L || "rate\\0" || value)``: fixed size, no attacker-chosen strings stored (§14)."""
+    return hmac.new(pepper, LABEL + b"rate\x00" + value.encode("utf-8", "replace"), hashlib.sha256).digest()
+
+
+def request_message(method: str, route: str, body: bytes) -> bytes:
+    """What a device signs (spec §6).
+
+    ``L || "keyserver-request\\0" || method || "\\0" || route || "\\0" || u32be(len(body)) || body``
+    """
+    return (
+        LABEL
+        + b"keyserver-request\x00"
+        + method.encode("ascii")
+        + b"\x00"
+        + route.encode("ascii")
+        + b"\x00"
+        + len(body).to_bytes(4, "big")
+        + body
+    )
+
+
+def is_valid_x25519_public(public_key: bytes) -> bool:
+    """False for a low-order point (its shared secret with any key is all zeros)."""
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(public_key))
+    except ValueError:
+        return False
+    return True
 
 
 def model_key_aad(model_id: str, key_commitment: bytes) -> bytes:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from .._private.encoding import loads_strict
 from ..errors import FormatError
-from .errors import InvalidCredential, MalformedRequest, RequestTooLarge, UnsupportedMediaType
+from .errors import DomainError, InvalidCredential, MalformedRequest, RequestTooLarge, UnsupportedMediaType
 from .services import Admin, KeyServer
 
 M = TypeVar("M", bound=BaseModel)
@@ -36,6 +36,58 @@ def get_admin(
 
 
 AdminDep = Annotated[Admin, Depends(get_admin)]
+
+
+def require_admin_or_licence(
+    server: KeyServerDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    """Admin or Licence auth (``/v1/server-info``, spec §7.2); failures are ``invalid-credential``."""
+    if credentials is None:
+        raise InvalidCredential("an admin token or licence key is required")
+    if credentials.credentials.startswith("MSEAL-LICENCE:"):
+        try:
+            server.authenticate_licence(credentials.credentials)
+        except DomainError:
+            raise InvalidCredential("invalid credential") from None
+        return
+    server.authenticate_admin(credentials.credentials)
+
+
+def bearer(request: Request) -> str | None:
+    """The ``Authorization: Bearer`` value as presented (None if absent or another scheme)."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def client_ip(request: Request) -> str:
+    """The socket peer, or the rightmost ``X-Forwarded-For`` address that is not a trusted proxy
+    when the peer is one (spec §14)."""
+    import ipaddress
+
+    peer = request.client.host if request.client else "unknown"
+    proxies = request.app.state.settings.trusted_proxies
+    if not proxies:
+        return peer
+
+    def trusted(addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr.strip())
+        except ValueError:
+            return False
+        return any(ip in ipaddress.ip_network(net, strict=False) for net in proxies)
+
+    if not trusted(peer):
+        return peer
+    hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not trusted(hop):
+            return hop
+    return peer
+
+
+def parse_body(model: type[M], raw: bytes) -> M:
+    """The raw body as strict JSON validated as ``model`` (400 ``malformed-request`` otherwise)."""
+    return _validated(model, raw)
 
 
 async def read_json(request: Request) -> None:

@@ -15,10 +15,11 @@ class DomainError(ModelSealError):
     status: int = 500
     code: str = "internal"
 
-    def __init__(self, message: str = "", *, fields: list[str] | None = None) -> None:
+    def __init__(self, message: str = "", *, fields: list[str] | None = None, retry_after: int | None = None) -> None:
         super().__init__(message or self.code.replace("-", " "))
         self.message = message or self.code.replace("-", " ")
         self.fields = fields
+        self.retry_after = retry_after  # seconds, for 429 and 503 (``Retry-After``)
 
 
 class MalformedRequest(DomainError):
@@ -41,6 +42,48 @@ class InvalidCredential(DomainError):
     status, code = 401, "invalid-credential"
 
 
+class InvalidLicence(DomainError):
+    """Unknown licence id, wrong secret and malformed key alike: no oracle about which licences exist."""
+
+    status, code = 401, "invalid-licence"
+
+
+class InvalidSignature(DomainError):
+    status, code = 401, "invalid-signature"
+
+
+class StaleRequest(DomainError):
+    status, code = 401, "stale-request"
+
+
+class ReplayedRequest(DomainError):
+    status, code = 401, "replayed-request"
+
+
+class WrongAudience(DomainError):
+    status, code = 401, "wrong-audience"
+
+
+class LicenceRevoked(DomainError):
+    status, code = 403, "licence-revoked"
+
+
+class LicenceExpired(DomainError):
+    status, code = 403, "licence-expired"
+
+
+class DeviceRevoked(DomainError):
+    status, code = 403, "device-revoked"
+
+
+class DeviceMismatch(DomainError):
+    status, code = 403, "device-mismatch"
+
+
+class DeviceLimitReached(DomainError):
+    status, code = 403, "device-limit-reached"
+
+
 class NotFound(DomainError):
     status, code = 404, "not-found"
 
@@ -59,6 +102,10 @@ class RequestTooLarge(DomainError):
 
 class UnsupportedMediaType(DomainError):
     status, code = 415, "unsupported-media-type"
+
+
+class RateLimited(DomainError):
+    status, code = 429, "rate-limited"
 
 
 class Busy(DomainError):

@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Connection, Engine, Row, create_engine, event, func, insert, select, update
+from sqlalchemy import Connection, Engine, Row, and_, create_engine, event, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
@@ -283,6 +284,167 @@ def revoke_model_key(conn: Connection, key_commitment: bytes, reason: str, now: 
         .values(revoked_at=now, revoke_reason=reason)
     )
     return conn.execute(stmt).rowcount == 1
+
+
+# --- licences and devices (S2) ---------------------------------------------------------------
+
+
+def insert_licence(conn: Connection, row: dict[str, Any], model_ids: Sequence[str]) -> None:
+    conn.execute(insert(t.licences).values(**row))
+    conn.execute(insert(t.licence_models), [{"licence_id": row["id"], "model_id": m} for m in model_ids])
+
+
+def own_model_ids(conn: Connection, publisher_id: str, model_ids: Sequence[str]) -> set[str]:
+    m = t.models
+    stmt = select(m.c.id).where(m.c.publisher_id == publisher_id, m.c.id.in_(list(model_ids)))
+    return {r.id for r in conn.execute(stmt)}
+
+
+def licence_by_id(conn: Connection, licence_id: str, *, lock: bool = False) -> DbRow | None:
+    """The licence row; ``lock`` takes its row lock until commit (PostgreSQL ``FOR UPDATE``; SQLite
+    already holds the database write lock in a write unit)."""
+    stmt = select(t.licences).where(t.licences.c.id == licence_id)
+    if lock and conn.dialect.name != "sqlite":
+        stmt = stmt.with_for_update()
+    return conn.execute(stmt).first()
+
+
+def licence_models(conn: Connection, licence_ids: Sequence[str]) -> dict[str, list[str]]:
+    lm = t.licence_models
+    out: dict[str, list[str]] = {i: [] for i in licence_ids}
+    stmt = select(lm.c.licence_id, lm.c.model_id).where(lm.c.licence_id.in_(list(licence_ids)))
+    for r in conn.execute(stmt.order_by(lm.c.licence_id, lm.c.model_id)):
+        out[r.licence_id].append(r.model_id)
+    return out
+
+
+def list_licences(
+    conn: Connection,
+    publisher_id: str,
+    *,
+    status: str,
+    model_id: str | None,
+    now: int,
+    after: str | None,
+    limit: int,
+) -> Sequence[DbRow]:
+    lic = t.licences
+    stmt = select(lic).where(lic.c.publisher_id == publisher_id)
+    unexpired = or_(lic.c.expires_at.is_(None), lic.c.expires_at > now)
+    if status == "active":
+        stmt = stmt.where(lic.c.revoked_at.is_(None), unexpired)
+    elif status == "revoked":
+        stmt = stmt.where(lic.c.revoked_at.is_not(None))
+    elif status == "expired":
+        stmt = stmt.where(lic.c.revoked_at.is_(None), lic.c.expires_at <= now)
+    if model_id is not None:
+        lm = t.licence_models
+        licensed = select(lm.c.licence_id).where(lm.c.licence_id == lic.c.id, lm.c.model_id == model_id)
+        stmt = stmt.where(licensed.exists())
+    if after is not None:
+        stmt = stmt.where(lic.c.id > after)
+    return conn.execute(stmt.order_by(lic.c.id).limit(limit)).all()
+
+
+def revoke_licence(conn: Connection, licence_id: str, reason: str, now: int) -> bool:
+    lic = t.licences
+    stmt = (
+        update(lic)
+        .where(lic.c.id == licence_id, lic.c.revoked_at.is_(None))
+        .values(revoked_at=now, revoke_reason=reason)
+    )
+    return conn.execute(stmt).rowcount == 1
+
+
+def claim_device_slot(conn: Connection, licence_id: str) -> bool:
+    """The device limit (spec §5.3): one conditional increment; False when the licence is full or revoked."""
+    lic = t.licences
+    stmt = (
+        update(lic)
+        .where(lic.c.id == licence_id, lic.c.active_devices < lic.c.max_devices, lic.c.revoked_at.is_(None))
+        .values(active_devices=lic.c.active_devices + 1)
+    )
+    return conn.execute(stmt).rowcount == 1
+
+
+def release_device_slot(conn: Connection, licence_id: str) -> None:
+    lic = t.licences
+    stmt = (
+        update(lic)
+        .where(lic.c.id == licence_id, lic.c.active_devices > 0)
+        .values(active_devices=lic.c.active_devices - 1)
+    )
+    conn.execute(stmt)
+
+
+def device_by_key(conn: Connection, licence_id: str, *, x25519_pk: bytes, ed25519_pk: bytes) -> Sequence[DbRow]:
+    """Devices of the licence registered with either key (at most two rows)."""
+    d = t.devices
+    stmt = select(d).where(d.c.licence_id == licence_id, or_(d.c.x25519_pk == x25519_pk, d.c.ed25519_pk == ed25519_pk))
+    return conn.execute(stmt).all()
+
+
+def insert_device(conn: Connection, row: dict[str, Any]) -> None:
+    conn.execute(insert(t.devices).values(**row))
+
+
+def _device_select() -> Any:
+    d, lic = t.devices, t.licences
+    return select(d, lic.c.publisher_id).join(lic, lic.c.id == d.c.licence_id)
+
+
+def get_device(conn: Connection, publisher_id: str, device_id: str) -> DbRow | None:
+    d, lic = t.devices, t.licences
+    return conn.execute(_device_select().where(d.c.id == device_id, lic.c.publisher_id == publisher_id)).first()
+
+
+def list_devices(
+    conn: Connection, publisher_id: str, *, licence_id: str | None, status: str, after: str | None, limit: int
+) -> Sequence[DbRow]:
+    d, lic = t.devices, t.licences
+    stmt = _device_select().where(lic.c.publisher_id == publisher_id)
+    if licence_id is not None:
+        stmt = stmt.where(d.c.licence_id == licence_id)
+    if status == "active":
+        stmt = stmt.where(d.c.revoked_at.is_(None))
+    elif status == "revoked":
+        stmt = stmt.where(d.c.revoked_at.is_not(None))
+    if after is not None:
+        stmt = stmt.where(d.c.id > after)
+    return conn.execute(stmt.order_by(d.c.id).limit(limit)).all()
+
+
+def revoke_device(conn: Connection, device_id: str, reason: str, now: int) -> bool:
+    d = t.devices
+    stmt = update(d).where(d.c.id == device_id, d.c.revoked_at.is_(None)).values(revoked_at=now, revoke_reason=reason)
+    return conn.execute(stmt).rowcount == 1
+
+
+def count_active_devices(conn: Connection, licence_id: str) -> int:
+    d = t.devices
+    stmt = select(func.count()).where(and_(d.c.licence_id == licence_id, d.c.revoked_at.is_(None)))
+    return int(conn.execute(stmt).scalar_one())
+
+
+# --- rate limiting (spec §14) -----------------------------------------------------------------
+
+
+def rate_hit(conn: Connection, scope: str, key: bytes, window_start: int, limit: int) -> int | None:
+    """Count one hit in the window; the window's count after it, or None if it was already over.
+
+    The count stops at ``limit + 1``: the hit that takes it there is the window's first excess
+    (audited once); later hits match no row (rowcount 0) and change nothing.
+    """
+    rw = t.rate_windows
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    stmt = dialect.insert(rw).values(scope=scope, key=key, window_start=window_start, count=1)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[rw.c.scope, rw.c.key, rw.c.window_start],
+        set_={"count": rw.c.count + 1},
+        where=rw.c.count <= limit,
+    ).returning(rw.c.count)
+    row = conn.execute(stmt).first()
+    return None if row is None else int(row[0])
 
 
 # --- audit ----------------------------------------------------------------------------------

@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from .._private.encoding import b64decode, b64encode
 from . import api_models as api
 from .crypto import b64url_decode, is_id
-from .deps import AdminDep, KeyServerDep, body, json_body_docs, read_json
-from .errors import NotFound
-from .services import Model
+from .deps import (
+    AdminDep,
+    KeyServerDep,
+    bearer,
+    body,
+    client_ip,
+    json_body_docs,
+    parse_body,
+    read_json,
+    require_admin_or_licence,
+)
+from .errors import DomainError, NotFound
+from .services import ActivationRequest, Model, Policy
 
 router = APIRouter()
 Limit = Annotated[int, Query(ge=1, le=500)]
 AfterModel = Annotated[str | None, Query(pattern=r"^mdl_[A-Za-z0-9_-]{22}$")]
+LicenceQuery = Annotated[str | None, Query(pattern=r"^lic_[A-Za-z0-9_-]{22}$")]
+DeviceQuery = Annotated[str | None, Query(pattern=r"^dev_[A-Za-z0-9_-]{22}$")]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"description": text}
     for code, text in {400: "malformed-request", 401: "invalid-credential", 404: "not-found", 503: "busy"}.items()
@@ -45,8 +57,8 @@ def readyz(server: KeyServerDep, response: Response) -> dict[str, str]:
     return {"status": "not-ready"}
 
 
-@router.get("/v1/server-info", responses=_ERRORS)
-def server_info(admin: AdminDep, server: KeyServerDep) -> dict[str, Any]:
+@router.get("/v1/server-info", responses=_ERRORS, dependencies=[Depends(require_admin_or_licence)])
+def server_info(server: KeyServerDep) -> dict[str, Any]:
     return server.server_info()
 
 
@@ -121,6 +133,149 @@ def revoke_key(
     if len(commitment) != 32:
         raise NotFound("no such key")
     return server.revoke_key(admin, _model_id(model_id), commitment, req.reason)
+
+
+def _checked_id(value: str, prefix: str, what: str) -> str:
+    if not is_id(value, prefix):
+        raise NotFound(f"no such {what}")
+    return value
+
+
+_ACTIVATION_ERRORS: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the device was already registered (idempotent)"},
+    400: {"description": "malformed-request, invalid-public-key"},
+    401: {"description": "invalid-licence, invalid-signature, stale-request, wrong-audience"},
+    403: {"description": "licence-revoked, licence-expired, device-revoked, device-mismatch, device-limit-reached"},
+    429: {"description": "rate-limited"},
+    503: {"description": "busy"},
+}
+
+
+@router.post(
+    "/v1/activations",
+    status_code=201,
+    dependencies=[Depends(read_json)],
+    openapi_extra=json_body_docs(api.Activate),
+    responses=_ACTIVATION_ERRORS,
+)
+def activate(server: KeyServerDep, request: Request, response: Response) -> dict[str, Any]:
+    """Register a device under a licence (spec §7.3). Checks in the order of spec §7.1."""
+    ip, presented = client_ip(request), bearer(request)
+    server.rate_limit_activation(ip, presented)
+    try:
+        licence = server.authenticate_licence(presented)
+        raw = request.state.raw_body
+        req = parse_body(api.Activate, raw)
+        result = server.activate(
+            licence,
+            ActivationRequest(
+                aud=b64decode(req.aud),
+                ts=req.ts,
+                x25519_pk=b64decode(req.x25519_public_key),
+                ed25519_pk=b64decode(req.ed25519_public_key),
+                fingerprint=b64decode(req.fingerprint),
+                label=req.label,
+                raw_body=raw,
+                signature=request.headers.get("modelseal-signature"),
+            ),
+        )
+    except DomainError as exc:
+        if exc.status == 401:
+            server.note_auth_failure(ip)  # raises rate-limited once this IP is over its window
+        raise
+    if not result.created:
+        response.status_code = 200
+    return {
+        "device_id": result.device_id,
+        "licence_id": result.licence_id,
+        "activated_at": result.activated_at,
+        "policy": result.policy,
+        "server": server.server_info(),
+    }
+
+
+@router.post(
+    "/v1/admin/licences",
+    status_code=201,
+    dependencies=[Depends(read_json)],
+    openapi_extra=json_body_docs(api.LicenceCreate),
+    responses=_ERRORS,
+)
+def create_licence(
+    admin: AdminDep, server: KeyServerDep, req: Annotated[api.LicenceCreate, Depends(body(api.LicenceCreate))]
+) -> dict[str, Any]:
+    p = req.policy
+    policy = Policy(
+        models=tuple(p.models),
+        max_devices=p.max_devices,
+        expires_at=p.expires_at,
+        opens_per_day=p.opens_per_day,
+        offline_grace_s=p.offline_grace_s,
+        recheck_interval_s=p.recheck_interval_s,
+        grant_ttl_s=p.grant_ttl_s,
+    )
+    licence, key = server.create_licence(admin, policy, label=req.label)
+    return {"licence": licence, "licence_key": key}
+
+
+@router.get("/v1/admin/licences", responses=_ERRORS)
+def list_licences(
+    admin: AdminDep,
+    server: KeyServerDep,
+    status: Literal["active", "revoked", "expired", "all"] = "all",
+    model_id: AfterModel = None,
+    limit: Limit = 100,
+    after: LicenceQuery = None,
+) -> dict[str, Any]:
+    items, next_id = server.list_licences(admin, status=status, model_id=model_id, after=after, limit=limit)
+    return {"items": items, "next": next_id}
+
+
+@router.get("/v1/admin/licences/{licence_id}", responses=_ERRORS)
+def get_licence(admin: AdminDep, server: KeyServerDep, licence_id: str) -> dict[str, Any]:
+    return server.get_licence(admin, _checked_id(licence_id, "lic", "licence"))
+
+
+@router.post(
+    "/v1/admin/licences/{licence_id}/revoke",
+    dependencies=[Depends(read_json)],
+    openapi_extra=json_body_docs(api.Revoke),
+    responses=_ERRORS,
+)
+def revoke_licence(
+    admin: AdminDep, server: KeyServerDep, licence_id: str, req: Annotated[api.Revoke, Depends(body(api.Revoke))]
+) -> dict[str, Any]:
+    return server.revoke_licence(admin, _checked_id(licence_id, "lic", "licence"), req.reason)
+
+
+@router.get("/v1/admin/devices", responses=_ERRORS)
+def list_devices(
+    admin: AdminDep,
+    server: KeyServerDep,
+    licence_id: LicenceQuery = None,
+    status: Literal["active", "revoked", "all"] = "all",
+    limit: Limit = 100,
+    after: DeviceQuery = None,
+) -> dict[str, Any]:
+    items, next_id = server.list_devices(admin, licence_id=licence_id, status=status, after=after, limit=limit)
+    return {"items": items, "next": next_id}
+
+
+@router.get("/v1/admin/devices/{device_id}", responses=_ERRORS)
+def get_device(admin: AdminDep, server: KeyServerDep, device_id: str) -> dict[str, Any]:
+    return server.get_device(admin, _checked_id(device_id, "dev", "device"))
+
+
+@router.post(
+    "/v1/admin/devices/{device_id}/revoke",
+    dependencies=[Depends(read_json)],
+    openapi_extra=json_body_docs(api.Revoke),
+    responses=_ERRORS,
+)
+def revoke_device(
+    admin: AdminDep, server: KeyServerDep, device_id: str, req: Annotated[api.Revoke, Depends(body(api.Revoke))]
+) -> dict[str, Any]:
+    return server.revoke_device(admin, _checked_id(device_id, "dev", "device"), req.reason)
 
 
 @router.get("/v1/admin/audit", responses=_ERRORS)

@@ -1,4 +1,4 @@
-"""The S1 tables (spec §5.2) as SQLAlchemy Core metadata.
+"""The S1 and S2 tables (spec §5.2) as SQLAlchemy Core metadata.
 
 The database schema is created only by the Alembic migrations in ``migrations/``; a test checks
 that the migrated schema matches this metadata.
@@ -127,4 +127,79 @@ audit_heads = Table(
     Column("chain", Integer, primary_key=True, autoincrement=False),
     Column("seq", BigInteger, nullable=False),
     _blob("hash", 32),
+)
+
+
+# --- S2: licences, devices, limits (migration 0002) -------------------------------------------
+
+licences = Table(
+    "licences",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("publisher_id", Text, ForeignKey("publishers.id"), nullable=False),
+    _blob("secret_hash", 32),
+    Column("label", Text, nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=True),
+    Column("max_devices", Integer, CheckConstraint("max_devices BETWEEN 1 AND 1000000"), nullable=False),
+    Column("opens_per_day", Integer, CheckConstraint("opens_per_day >= 1"), nullable=True),
+    Column("offline_grace_s", Integer, CheckConstraint("offline_grace_s BETWEEN 0 AND 31536000"), nullable=False),
+    Column("recheck_interval_s", Integer, CheckConstraint("recheck_interval_s BETWEEN 60 AND 2592000"), nullable=False),
+    Column("grant_ttl_s", Integer, CheckConstraint("grant_ttl_s BETWEEN 60 AND 31536000"), nullable=False),
+    Column("active_devices", Integer, nullable=False, server_default=text("0")),
+    Column("revoked_at", BigInteger, nullable=True),
+    Column("revoke_reason", Text, nullable=True),
+    CheckConstraint("recheck_interval_s <= grant_ttl_s", name="ck_licences_recheck_le_ttl"),
+    CheckConstraint("active_devices BETWEEN 0 AND max_devices", name="ck_licences_active_devices"),
+)
+Index("ix_licences_publisher", licences.c.publisher_id, licences.c.id)
+
+licence_models = Table(
+    "licence_models",
+    metadata,
+    Column("licence_id", Text, ForeignKey("licences.id"), primary_key=True),
+    Column("model_id", Text, ForeignKey("models.id"), primary_key=True),
+)
+Index("ix_licence_models_model", licence_models.c.model_id)
+
+devices = Table(
+    "devices",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("licence_id", Text, ForeignKey("licences.id"), nullable=False),
+    _blob("x25519_pk", 32),
+    _blob("ed25519_pk", 32),
+    _blob("fingerprint_hash", 32),
+    Column("label", Text, nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("last_request_us", BigInteger, nullable=False, server_default=text("0")),
+    Column("last_seen_at", BigInteger, nullable=True),
+    Column("revoked_at", BigInteger, nullable=True),
+    Column("revoke_reason", Text, nullable=True),
+    UniqueConstraint("licence_id", "x25519_pk"),
+    UniqueConstraint("licence_id", "ed25519_pk"),
+)
+
+usage_days = Table(
+    "usage_days",
+    metadata,
+    Column("licence_id", Text, ForeignKey("licences.id"), primary_key=True),
+    Column("day", Integer, primary_key=True, autoincrement=False),
+    Column("grants", Integer, CheckConstraint("grants >= 0"), nullable=False),
+)
+
+rate_windows = Table(
+    "rate_windows",
+    metadata,
+    Column("scope", Text, primary_key=True),
+    _blob("key", 32, pk=True),
+    Column("window_start", BigInteger, primary_key=True, autoincrement=False),
+    Column("count", Integer, CheckConstraint("count >= 0"), nullable=False),
+)
+
+maintenance = Table(
+    "maintenance",
+    metadata,
+    Column("task", Text, primary_key=True),
+    Column("last_run_at", BigInteger, nullable=False),
 )

@@ -15,30 +15,66 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.exceptions import InvalidSignature as InvalidSignatureError
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import Connection
 
-from .._private.encoding import b64encode
+from .._private.encoding import b64decode, b64encode
+from ..errors import FormatError
 from . import audit
 from . import repository as repo
 from .audit import AuditEvent
 from .crypto import (
     ADMIN_PREFIX,
+    LICENCE_PREFIX,
     KeyEncryptionKey,
     b64url,
     decode_secret,
     encode_secret,
     escrow_unwrap,
+    fingerprint_hash,
+    is_valid_x25519_public,
     make_id,
     model_key_aad,
+    rate_key,
+    request_message,
     secret_hash,
     server_key_id,
     server_secret_aad,
 )
-from .errors import Conflict, InvalidCredential, KeyUnavailable, NotFound, SettingsError
+from .errors import (
+    Conflict,
+    DeviceLimitReached,
+    DeviceMismatch,
+    DeviceRevoked,
+    DomainError,
+    InvalidCredential,
+    InvalidLicence,
+    InvalidPublicKey,
+    InvalidSignature,
+    KeyUnavailable,
+    LicenceExpired,
+    LicenceRevoked,
+    MalformedRequest,
+    NotFound,
+    RateLimited,
+    SettingsError,
+    StaleRequest,
+    WrongAudience,
+)
 
 _DUMMY_HASH = bytes(32)
+ACTIVATION_ROUTE = "/v1/activations"
+DEFAULT_RATES = {"activate-ip": (30, 60), "activate-licence": (60, 3600), "auth-fail-ip": (60, 60)}
+_ACTIVATION_DENIALS = (
+    LicenceRevoked,
+    LicenceExpired,
+    DeviceRevoked,
+    DeviceMismatch,
+    DeviceLimitReached,
+    InvalidPublicKey,
+)
 
 
 class Clock(Protocol):
@@ -87,6 +123,50 @@ class Model:
     name: str
     created_at: int
     keys: int
+
+
+@dataclass(frozen=True)
+class LicenceAuth:
+    """An authenticated licence key (its licence may still be revoked or expired)."""
+
+    licence_id: str
+    publisher_id: str
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A licence's policy (spec §7.7); ranges are checked by the API models and the database."""
+
+    models: tuple[str, ...]
+    max_devices: int
+    expires_at: int | None = None
+    opens_per_day: int | None = None
+    offline_grace_s: int = 0
+    recheck_interval_s: int = 3600
+    grant_ttl_s: int = 86400
+
+
+@dataclass(frozen=True)
+class ActivationRequest:
+    """A parsed ``POST /v1/activations`` with its raw body and signature header (spec §7.3)."""
+
+    aud: bytes
+    ts: int
+    x25519_pk: bytes
+    ed25519_pk: bytes
+    fingerprint: bytes
+    label: str | None
+    raw_body: bytes
+    signature: str | None
+
+
+@dataclass(frozen=True)
+class Activation:
+    device_id: str
+    licence_id: str
+    activated_at: int
+    policy: dict[str, Any]
+    created: bool
 
 
 @dataclass(frozen=True)
@@ -169,6 +249,7 @@ class KeyServer:
         rng: RandomSource | None = None,
         clock_skew_s: int = 300,
         offline_request_max_age_s: int = 604800,
+        rates: dict[str, tuple[int, int]] | None = None,
     ) -> None:
         self.db, self.kek, self.secrets = db, kek, secrets
         self.public_url = public_url
@@ -176,6 +257,7 @@ class KeyServer:
         self.rng: RandomSource = rng or OsRandom()
         self.clock_skew_s = clock_skew_s
         self.offline_request_max_age_s = offline_request_max_age_s
+        self.rates = {**DEFAULT_RATES, **(rates or {})}
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -446,6 +528,337 @@ class KeyServer:
             "revoke_reason": row.revoke_reason,
         }
 
+    # --- licence keys (spec §3) -----------------------------------------------------------
+
+    def authenticate_licence(self, presented: str | None) -> LicenceAuth:
+        """The licence a ``MSEAL-LICENCE:`` key names (revoked and expired ones too: policy comes later).
+
+        Raises:
+            InvalidLicence: malformed key, unknown id or wrong secret — identical status, body and
+                work (one row lookup and one HMAC on every path), so nothing tells them apart.
+        """
+        parsed = decode_secret(LICENCE_PREFIX, presented or "")
+        id16, secret32 = (parsed.id16, parsed.secret32) if parsed is not None else (bytes(16), bytes(32))
+        licence_id = make_id("lic", id16)
+        with self.db.read() as conn:
+            row = repo.licence_by_id(conn, licence_id)
+        computed = secret_hash(self.secrets.pepper, "licence", id16, secret32)
+        stored = bytes(row.secret_hash) if row is not None else _DUMMY_HASH
+        equal = hmac.compare_digest(computed, stored)
+        if parsed is None or row is None or not equal:
+            raise InvalidLicence("invalid licence key")
+        return LicenceAuth(licence_id=licence_id, publisher_id=row.publisher_id)
+
+    # --- rate limiting (spec §14) ------------------------------------------------------------
+
+    def _rate_hits(self, hits: list[tuple[str, str, tuple[int, int]]]) -> None:
+        """Count each ``(scope, value, (limit, window_s))`` hit in its own short write unit, committed
+        before the main work (so denied and rolled-back attempts still count); then raise if any is over.
+
+        Raises:
+            RateLimited: with ``retry_after`` the seconds to the end of the window that is over.
+        """
+        now = self._now()
+
+        def unit(conn: Connection) -> list[int]:
+            waits = []
+            for scope, value, (limit, window) in hits:
+                start = now // window * window
+                count = repo.rate_hit(conn, scope, rate_key(self.secrets.pepper, value), start, limit)
+                if count is not None and count <= limit:
+                    continue
+                waits.append(max(1, start + window - now))
+                if count is not None:  # the window's first excess: recorded once (spec §12.1)
+                    detail = {"scope": scope, "window_start": start, "limit": limit, "window_s": window}
+                    event = AuditEvent("ratelimit.tripped", "system", "denied", "rate-limited", detail=detail)
+                    self._audit(conn, event)
+            return waits
+
+        waits = self.db.write(unit)
+        if waits:
+            raise RateLimited("too many requests; retry later", retry_after=max(waits))
+
+    def rate_limit_activation(self, client_ip: str, presented: str | None) -> None:
+        """The activation limits, keyed by client IP and by the *presented* licence id, existing or not."""
+        hits = [("activate-ip", client_ip, self.rates["activate-ip"])]
+        parsed = decode_secret(LICENCE_PREFIX, presented or "")
+        if parsed is not None:
+            hits.append(("activate-licence", make_id("lic", parsed.id16), self.rates["activate-licence"]))
+        self._rate_hits(hits)
+
+    def note_auth_failure(self, client_ip: str) -> None:
+        """Count a 401 for ``client_ip``; once over the window's limit, its failures become 429."""
+        self._rate_hits([("auth-fail-ip", client_ip, self.rates["auth-fail-ip"])])
+
+    # --- licences (spec §7.7) ----------------------------------------------------------------
+
+    def _licence_view(self, row: Any, models: list[str]) -> dict[str, Any]:
+        return {
+            "id": row.id,
+            "label": row.label,
+            "created_at": row.created_at,
+            "revoked_at": row.revoked_at,
+            "revoke_reason": row.revoke_reason,
+            "active_devices": row.active_devices,
+            "policy": _policy_view(row, models),
+        }
+
+    def create_licence(self, admin: Admin, policy: Policy, *, label: str | None = None) -> tuple[dict[str, Any], str]:
+        """A new licence: ``(Licence view, licence key)``; the key is shown once, stored as a keyed hash.
+
+        Raises:
+            NotFound: a model is not one of this publisher's.
+            MalformedRequest: ``recheck_interval_s`` exceeds ``grant_ttl_s``.
+        """
+        models = sorted(set(policy.models))
+        if policy.recheck_interval_s > policy.grant_ttl_s:
+            raise MalformedRequest(
+                "recheck_interval_s must not exceed grant_ttl_s", fields=["$.policy.recheck_interval_s"]
+            )
+        id16, secret32 = self.rng.bytes(16), self.rng.bytes(32)
+        licence_id = make_id("lic", id16)
+        now = self._now()
+        row = {
+            "id": licence_id,
+            "publisher_id": admin.publisher_id,
+            "secret_hash": secret_hash(self.secrets.pepper, "licence", id16, secret32),
+            "label": label,
+            "created_at": now,
+            "expires_at": policy.expires_at,
+            "max_devices": policy.max_devices,
+            "opens_per_day": policy.opens_per_day,
+            "offline_grace_s": policy.offline_grace_s,
+            "recheck_interval_s": policy.recheck_interval_s,
+            "grant_ttl_s": policy.grant_ttl_s,
+        }
+
+        def unit(conn: Connection) -> Any:
+            if repo.own_model_ids(conn, admin.publisher_id, models) != set(models):
+                raise NotFound("no such model")
+            repo.insert_licence(conn, row, models)
+            detail = {"label": label, "policy": _policy_detail(policy, models)}
+            event = AuditEvent(
+                "licence.created", admin.token_id, publisher_id=admin.publisher_id, licence_id=licence_id, detail=detail
+            )
+            self._audit(conn, event)
+            return repo.licence_by_id(conn, licence_id)
+
+        stored = self.db.write(unit)
+        return self._licence_view(stored, models), encode_secret(LICENCE_PREFIX, id16, secret32)
+
+    def get_licence(self, admin: Admin, licence_id: str) -> dict[str, Any]:
+        with self.db.read() as conn:
+            row = repo.licence_by_id(conn, licence_id)
+            if row is None or row.publisher_id != admin.publisher_id:
+                raise NotFound("no such licence")
+            models = repo.licence_models(conn, [licence_id])[licence_id]
+        return self._licence_view(row, models)
+
+    def list_licences(
+        self, admin: Admin, *, status: str = "all", model_id: str | None = None, after: str | None, limit: int
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        with self.db.read() as conn:
+            rows = repo.list_licences(
+                conn,
+                admin.publisher_id,
+                status=status,
+                model_id=model_id,
+                now=self._now(),
+                after=after,
+                limit=limit + 1,
+            )
+            models = repo.licence_models(conn, [r.id for r in rows[:limit]])
+        items = [self._licence_view(r, models[r.id]) for r in rows[:limit]]
+        return items, (items[-1]["id"] if len(rows) > limit else None)
+
+    def revoke_licence(self, admin: Admin, licence_id: str, reason: str) -> dict[str, Any]:
+        """Revoke a licence (idempotent); every later activation and grant under it is refused."""
+
+        def unit(conn: Connection) -> None:
+            row = repo.licence_by_id(conn, licence_id, lock=True)
+            if row is None or row.publisher_id != admin.publisher_id:
+                raise NotFound("no such licence")
+            if repo.revoke_licence(conn, licence_id, reason, self._now()):
+                event = AuditEvent(
+                    "licence.revoked",
+                    admin.token_id,
+                    publisher_id=admin.publisher_id,
+                    licence_id=licence_id,
+                    detail={"reason": reason},
+                )
+                self._audit(conn, event)
+
+        self.db.write(unit)
+        return self.get_licence(admin, licence_id)
+
+    # --- devices (spec §7.3, §7.7) -----------------------------------------------------------
+
+    def activate(self, licence: LicenceAuth, request: ActivationRequest) -> Activation:
+        """Register a device under a licence, or return it if already registered (idempotent).
+
+        Raises:
+            InvalidSignature / WrongAudience / StaleRequest: the request is not the device's, for this
+                server, now.
+            LicenceRevoked / LicenceExpired / DeviceRevoked / DeviceMismatch / DeviceLimitReached /
+            InvalidPublicKey: policy denials, each rolled back and audited in its own unit.
+        """
+        self._verify_request(request.ed25519_pk, request.signature, ACTIVATION_ROUTE, request.raw_body)
+        if not hmac.compare_digest(request.aud, self.secrets.signing_kid):
+            raise WrongAudience("the request is addressed to another server key")
+        if abs(request.ts - self._now_us()) > self.clock_skew_s * 1_000_000:
+            raise StaleRequest("the request timestamp is outside the allowed clock skew")
+        fp_hash = fingerprint_hash(self.secrets.pepper, request.fingerprint)
+        device_id = self._new_id("dev")
+
+        def unit(conn: Connection) -> tuple[Any, bool]:
+            now = self._now()
+            lic = repo.licence_by_id(conn, licence.licence_id, lock=True)  # serialises the idempotency check
+            if lic is None or lic.revoked_at is not None:
+                raise LicenceRevoked("the licence is revoked")
+            if lic.expires_at is not None and lic.expires_at <= now:
+                raise LicenceExpired("the licence has expired")
+            rows = repo.device_by_key(
+                conn, licence.licence_id, x25519_pk=request.x25519_pk, ed25519_pk=request.ed25519_pk
+            )
+            for row in rows:
+                if bytes(row.x25519_pk) == request.x25519_pk:
+                    if row.revoked_at is not None:
+                        raise DeviceRevoked("this device is revoked")
+                    same_ed = hmac.compare_digest(bytes(row.ed25519_pk), request.ed25519_pk)
+                    same_fp = hmac.compare_digest(bytes(row.fingerprint_hash), fp_hash)
+                    if not (same_ed and same_fp):
+                        raise DeviceMismatch("the device is registered with another signing key or fingerprint")
+                    return row, False
+            if rows:
+                raise DeviceMismatch("this signing key is registered with another device key")
+            if not is_valid_x25519_public(request.x25519_pk):
+                raise InvalidPublicKey("x25519_public_key is not a valid public key")
+            if not repo.claim_device_slot(conn, licence.licence_id):
+                raise DeviceLimitReached("the licence has no free device slot")
+            repo.insert_device(
+                conn,
+                {
+                    "id": device_id,
+                    "licence_id": licence.licence_id,
+                    "x25519_pk": request.x25519_pk,
+                    "ed25519_pk": request.ed25519_pk,
+                    "fingerprint_hash": fp_hash,
+                    "label": request.label,
+                    "created_at": now,
+                    "last_request_us": request.ts,
+                    "last_seen_at": now,
+                },
+            )
+            detail = {"x25519_public_key": b64encode(request.x25519_pk), "label": request.label}
+            event = AuditEvent(
+                "device.activated",
+                device_id,
+                publisher_id=licence.publisher_id,
+                licence_id=licence.licence_id,
+                device_id=device_id,
+                detail=detail,
+            )
+            self._audit(conn, event)
+            return repo.get_device(conn, licence.publisher_id, device_id), True
+
+        try:
+            try:
+                row, created = self.db.write(unit)
+            except Conflict:
+                # A concurrent activation of the same key won the unique constraint (its counter
+                # increment rolled back with ours); answer as the re-activation it now is.
+                row, created = self.db.write(unit)
+        except _ACTIVATION_DENIALS as exc:
+            self._audit_denial(licence, request, exc)
+            raise
+        with self.db.read() as conn:
+            lic = repo.licence_by_id(conn, licence.licence_id)
+            models = repo.licence_models(conn, [licence.licence_id])[licence.licence_id]
+        return Activation(
+            device_id=row.id,
+            licence_id=licence.licence_id,
+            activated_at=row.created_at,
+            policy=_policy_view(lic, models),
+            created=created,
+        )
+
+    def _audit_denial(self, licence: LicenceAuth, request: ActivationRequest, exc: DomainError) -> None:
+        def unit(conn: Connection) -> None:
+            detail = {"x25519_public_key": b64encode(request.x25519_pk)}
+            event = AuditEvent(
+                "device.activation-denied",
+                "system",
+                "denied",
+                exc.code,
+                publisher_id=licence.publisher_id,
+                licence_id=licence.licence_id,
+                detail=detail,
+            )
+            self._audit(conn, event)
+
+        self.db.write(unit)
+
+    def _verify_request(self, ed25519_pk: bytes, signature: str | None, route: str, raw_body: bytes) -> None:
+        """The Ed25519 request signature of spec §6 over the raw body bytes."""
+        try:
+            sig = b64decode(signature or "", length=64)
+            Ed25519PublicKey.from_public_bytes(ed25519_pk).verify(sig, request_message("POST", route, raw_body))
+        except (FormatError, ValueError, InvalidSignatureError):
+            raise InvalidSignature("the request signature does not verify") from None
+
+    def _device_view(self, row: Any) -> dict[str, Any]:
+        return {
+            "id": row.id,
+            "licence_id": row.licence_id,
+            "label": row.label,
+            "x25519_public_key": b64encode(bytes(row.x25519_pk)),
+            "ed25519_public_key": b64encode(bytes(row.ed25519_pk)),
+            "created_at": row.created_at,
+            "last_seen_at": row.last_seen_at,
+            "revoked_at": row.revoked_at,
+            "revoke_reason": row.revoke_reason,
+        }
+
+    def get_device(self, admin: Admin, device_id: str) -> dict[str, Any]:
+        with self.db.read() as conn:
+            row = repo.get_device(conn, admin.publisher_id, device_id)
+        if row is None:
+            raise NotFound("no such device")
+        return self._device_view(row)
+
+    def list_devices(
+        self, admin: Admin, *, licence_id: str | None = None, status: str = "all", after: str | None, limit: int
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        with self.db.read() as conn:
+            rows = repo.list_devices(
+                conn, admin.publisher_id, licence_id=licence_id, status=status, after=after, limit=limit + 1
+            )
+        items = [self._device_view(r) for r in rows[:limit]]
+        return items, (items[-1]["id"] if len(rows) > limit else None)
+
+    def revoke_device(self, admin: Admin, device_id: str, reason: str) -> dict[str, Any]:
+        """Revoke a device and free its slot, in one unit (idempotent: the slot is freed once)."""
+
+        def unit(conn: Connection) -> Any:
+            found = repo.get_device(conn, admin.publisher_id, device_id)
+            if found is None:
+                raise NotFound("no such device")
+            repo.licence_by_id(conn, found.licence_id, lock=True)  # lock order: licence → device
+            if repo.revoke_device(conn, device_id, reason, self._now()):
+                repo.release_device_slot(conn, found.licence_id)
+                event = AuditEvent(
+                    "device.revoked",
+                    admin.token_id,
+                    publisher_id=admin.publisher_id,
+                    licence_id=found.licence_id,
+                    device_id=device_id,
+                    detail={"reason": reason},
+                )
+                self._audit(conn, event)
+            return repo.get_device(conn, admin.publisher_id, device_id)
+
+        return self._device_view(self.db.write(unit))
+
     # --- audit (spec §7.8, §12) ---------------------------------------------------------------
 
     def list_audit(
@@ -461,6 +874,39 @@ class KeyServer:
             return audit.verify(conn, self.secrets.audit_key)
 
 
+def _policy_view(row: Any, models: list[str]) -> dict[str, Any]:
+    return {
+        "expires_at": row.expires_at,
+        "max_devices": row.max_devices,
+        "models": models,
+        "opens_per_day": row.opens_per_day,
+        "offline_grace_s": row.offline_grace_s,
+        "recheck_interval_s": row.recheck_interval_s,
+        "grant_ttl_s": row.grant_ttl_s,
+    }
+
+
+def _policy_detail(policy: Policy, models: list[str]) -> dict[str, Any]:
+    """The policy for an audit record: up to 100 model ids listed, beyond that their count and digest
+    (the record's detail is capped at 4 KiB, spec §12.2)."""
+    import hashlib
+
+    detail: dict[str, Any] = {
+        "expires_at": policy.expires_at,
+        "max_devices": policy.max_devices,
+        "opens_per_day": policy.opens_per_day,
+        "offline_grace_s": policy.offline_grace_s,
+        "recheck_interval_s": policy.recheck_interval_s,
+        "grant_ttl_s": policy.grant_ttl_s,
+    }
+    if len(models) <= 100:
+        detail["models"] = models
+    else:
+        digest = hashlib.sha256("\n".join(models).encode("ascii")).digest()
+        detail["models_count"], detail["models_sha256"] = len(models), b64encode(digest)
+    return detail
+
+
 def _audit_view(row: Any) -> dict[str, Any]:
     import json
 
@@ -472,4 +918,14 @@ def _audit_view(row: Any) -> dict[str, Any]:
     return out
 
 
-__all__ = ["Admin", "KeyServer", "KeyUnavailable", "ServerSecrets", "initialize"]
+__all__ = [
+    "Activation",
+    "ActivationRequest",
+    "Admin",
+    "KeyServer",
+    "KeyUnavailable",
+    "LicenceAuth",
+    "Policy",
+    "ServerSecrets",
+    "initialize",
+]

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     offline_request_max_age_s: int = Field(604800, ge=60)
     max_body_bytes: int = Field(65536, ge=1024)
     trusted_proxies: list[str] = []
+    rate_activate_ip: str = Field("30/60", pattern=r"^[1-9][0-9]{0,8}/[1-9][0-9]{0,8}$")
+    rate_activate_licence: str = Field("60/3600", pattern=r"^[1-9][0-9]{0,8}/[1-9][0-9]{0,8}$")
+    rate_auth_fail_ip: str = Field("60/60", pattern=r"^[1-9][0-9]{0,8}/[1-9][0-9]{0,8}$")
     audit_chains: int = Field(1, ge=1, le=1)  # several chains arrive in S5
     docs: bool = True
     dev_admin_token: SecretStr | None = None
@@ -57,6 +60,12 @@ class Settings(BaseSettings):
     @property
     def effective_master_key_file(self) -> Path:
         return self.master_key_file or self.data_dir / "master.key"
+
+
+def parse_rate(value: str) -> tuple[int, int]:
+    """``"count/seconds"`` (spec §15) as ``(count, seconds)``."""
+    count, _, seconds = value.partition("/")
+    return int(count), int(seconds)
 
 
 def load_settings(env_file: Path | None = None, **overrides: object) -> Settings:

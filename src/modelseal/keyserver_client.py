@@ -1,0 +1,379 @@
+"""Client side of the key server for S2: device activation and the publisher commands (spec §7.10).
+
+``modelseal activate`` creates the device key file (X25519 + Ed25519 lines, 0600) if missing and
+registers it under a licence (spec §7.3, §10.2); ``modelseal licence …`` and ``modelseal device …``
+call the admin routes of spec §7.7 with an admin token. Only typer and the core library are imported
+at module level; httpx loads when a command talks to a server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ._private.crypto import LABEL
+from ._private.encoding import b64decode, b64encode
+from .errors import ModelSealError
+from .keys import _IDENTITY, _SIGNING, Identity, SigningKey, _read_secret, _write_secret
+
+ACTIVATION_ROUTE = "/v1/activations"
+TIMEOUT_S = 10.0
+
+
+class LicenceError(ModelSealError):
+    """The key server refused (exit 10); ``code`` is the server's error code (spec §16)."""
+
+    exit_code = 10
+
+    def __init__(self, code: str, message: str = "") -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+
+
+class KeyServerUnreachable(ModelSealError):
+    """No answer from the key server (exit 11)."""
+
+    exit_code = 11
+
+
+# --- device state (spec §10.1, activation subset) ----------------------------------------------
+
+
+def state_dir() -> Path:
+    """``$MODELSEAL_HOME``, else ``$XDG_STATE_HOME/modelseal``, else ``~/.local/state/modelseal``."""
+    if os.environ.get("MODELSEAL_HOME"):
+        return Path(os.environ["MODELSEAL_HOME"])
+    if os.environ.get("XDG_STATE_HOME"):
+        return Path(os.environ["XDG_STATE_HOME"]) / "modelseal"
+    return Path.home() / ".local" / "state" / "modelseal"
+
+
+class DeviceKey:
+    """A device's two key pairs (spec §6): X25519 for grants, Ed25519 for request signatures."""
+
+    def __init__(self, identity: Identity, signing: SigningKey) -> None:
+        self.identity, self.signing = identity, signing
+
+    @classmethod
+    def generate(cls) -> DeviceKey:
+        return cls(Identity.generate(), SigningKey.generate())
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> tuple[DeviceKey, bool]:
+        """The key in ``path``, creating it (0600, never overwriting) if absent; ``(key, created)``."""
+        if path.exists():
+            identity = Identity.from_string(_read_secret(path, _IDENTITY, "device key"))
+            signing = SigningKey.from_string(_read_secret(path, _SIGNING, "device key"))
+            return cls(identity, signing), False
+        key = cls.generate()
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        text = (
+            "# modelseal device key (X25519 + Ed25519). Keep this file secret.\n"
+            f"{key.identity.to_string()}\n{key.signing.to_string()}\n"
+        )
+        _write_secret(path, text, overwrite=False)
+        return key, True
+
+    @property
+    def x25519_public(self) -> bytes:
+        return self.identity.recipient.public_bytes
+
+    @property
+    def ed25519_public(self) -> bytes:
+        return self.signing.verify_key.public_bytes
+
+    def sign_request(self, route: str, body: bytes) -> str:
+        """``Modelseal-Signature`` over the raw body (spec §6)."""
+        message = (
+            LABEL + b"keyserver-request\x00POST\x00" + route.encode("ascii") + b"\x00" + len(body).to_bytes(4, "big")
+        )
+        return b64encode(self.signing.sign(message + body))
+
+
+def fingerprint(home: Path) -> bytes:
+    """``SHA-256(L || "fingerprint\\0" || machine id)``; a random id kept in the state dir if none."""
+    try:
+        machine = Path("/etc/machine-id").read_bytes().strip()
+    except OSError:
+        machine = b""
+    if not machine:
+        path = home / "machine-id"
+        if not path.exists():
+            home.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _write_secret(path, os.urandom(16).hex() + "\n", overwrite=False)
+        machine = path.read_bytes().strip()
+    return hashlib.sha256(LABEL + b"fingerprint\x00" + machine).digest()
+
+
+def activation_body(
+    device: DeviceKey, aud: bytes, fp: bytes, *, label: str | None = None, ts: int | None = None
+) -> bytes:
+    body: dict[str, Any] = {
+        "aud": b64encode(aud),
+        "ts": ts if ts is not None else time.time_ns() // 1000,
+        "x25519_public_key": b64encode(device.x25519_public),
+        "ed25519_public_key": b64encode(device.ed25519_public),
+        "fingerprint": b64encode(fp),
+    }
+    if label is not None:
+        body["label"] = label
+    return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+
+
+# --- HTTP ---------------------------------------------------------------------------------------
+
+
+class Client:
+    """A thin httpx client: errors become :class:`LicenceError` (server code) or :class:`KeyServerUnreachable`."""
+
+    def __init__(self, url: str, credential: str) -> None:
+        import httpx
+
+        self._httpx = httpx
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(
+            base_url=self.url, timeout=TIMEOUT_S, headers={"Authorization": f"Bearer {credential.strip()}"}
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        try:
+            r = self.http.request(method, path, **kwargs)
+        except self._httpx.HTTPError as exc:
+            raise KeyServerUnreachable(f"cannot reach the key server at {self.url}: {exc}") from None
+        try:
+            data = r.json()
+        except ValueError:
+            data = None
+        if r.status_code >= 500 or r.status_code == 429:
+            code = data["error"]["code"] if isinstance(data, dict) and "error" in data else str(r.status_code)
+            if r.status_code == 429:
+                raise LicenceError(code, "rate limited; retry later")
+            raise KeyServerUnreachable(f"the key server answered {r.status_code} ({code})")
+        if r.status_code >= 400:
+            err = data.get("error", {}) if isinstance(data, dict) else {}
+            raise LicenceError(str(err.get("code", r.status_code)), str(err.get("message", "")))
+        return r.status_code, data
+
+    def items(self, path: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        after = None
+        while True:
+            query = {**params, "limit": 500, **({"after": after} if after else {})}
+            _, page = self.request("GET", path, params={k: v for k, v in query.items() if v is not None})
+            out += page["items"]
+            after = page["next"]
+            if after is None:
+                return out
+
+
+def activate(
+    server: str, licence: str, *, label: str | None = None, home: Path | None = None
+) -> tuple[dict[str, Any], bool]:
+    """Create the device key if absent, then register it under ``licence``; ``(response, created)``."""
+    home = home or state_dir()
+    device, _ = DeviceKey.load_or_create(home / "device.key")
+    with Client(server, licence) as client:
+        _, info = client.request("GET", "/v1/server-info")
+        current = [k for k in info["signing_keys"] if k["current"]]
+        if not current:
+            raise LicenceError("server-key-mismatch", "the server names no current signing key")
+        aud = b64decode(current[0]["kid"], length=8)
+        body = activation_body(device, aud, fingerprint(home), label=label)
+        headers = {
+            "Content-Type": "application/json",
+            "Modelseal-Signature": device.sign_request(ACTIVATION_ROUTE, body),
+        }
+        status, result = client.request("POST", ACTIVATION_ROUTE, content=body, headers=headers)
+    record = home / "activations" / f"{result['licence_id']}.json"
+    record.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    saved = {k: result[k] for k in ("device_id", "licence_id", "activated_at", "policy")} | {"server": server}
+    record.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return result, status == 201
+
+
+# --- CLI (registered by modelseal.cli) ----------------------------------------------------------
+
+_DURATION = re.compile(r"^(\d+)([smhdw]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> int:
+    """``90``, ``90s``, ``10m``, ``1h``, ``3d``, ``2w`` as seconds."""
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 10m, 1h, 3d)")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_time(text: str) -> int:
+    """An ISO date or date-time (UTC unless it says otherwise), or epoch seconds."""
+    if text.strip().isdigit():
+        return int(text)
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"not a date: {text!r} (use YYYY-MM-DD or an ISO date-time)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return int(when.timestamp())
+
+
+ServerOpt = Annotated[str | None, typer.Option("--server", help="Key server URL (default $MODELSEAL_KEYSERVER).")]
+TokenOpt = Annotated[str | None, typer.Option("--admin-token", help="Admin token (default $MODELSEAL_ADMIN_TOKEN).")]
+TokenFileOpt = Annotated[Path | None, typer.Option("--admin-token-file", help="File holding the admin token (0600).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _server(server: str | None) -> str:
+    url = server or os.environ.get("MODELSEAL_KEYSERVER")
+    if not url:
+        raise ValueError("name the key server with --server or $MODELSEAL_KEYSERVER")
+    return url
+
+
+def _admin_client(server: str | None, token: str | None, token_file: Path | None) -> Client:
+    if token is None and token_file is not None:
+        token = _read_secret(token_file, "MSEAL-ADMIN:", "admin token")
+    token = token or os.environ.get("MODELSEAL_ADMIN_TOKEN")
+    if not token:
+        raise ValueError("give an admin token with --admin-token, --admin-token-file or $MODELSEAL_ADMIN_TOKEN")
+    return Client(_server(server), token)
+
+
+def _print(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def register(app: typer.Typer, translate: Any) -> None:
+    """Add ``activate``, ``licence …`` and ``device …`` to the ``modelseal`` command line."""
+    licence_app = typer.Typer(
+        help="Create, list and revoke licences on a key server (admin token).", no_args_is_help=True
+    )
+    device_app = typer.Typer(
+        help="List and revoke activated devices on a key server (admin token).", no_args_is_help=True
+    )
+    app.add_typer(licence_app, name="licence")
+    app.add_typer(device_app, name="device")
+
+    @app.command("activate")
+    def activate_cmd(
+        server: Annotated[
+            str | None, typer.Option("--server", help="Key server URL (default $MODELSEAL_KEYSERVER).")
+        ] = None,
+        licence: Annotated[
+            str | None, typer.Option("--licence", help="Licence key (default $MODELSEAL_LICENCE).")
+        ] = None,
+        label: Annotated[str | None, typer.Option("--label", help="A name for this device.")] = None,
+    ) -> None:
+        """Register this device under a licence (creates the device key, 0600, if missing)."""
+        with translate():
+            key = licence or os.environ.get("MODELSEAL_LICENCE")
+            if not key:
+                raise ValueError("give the licence key with --licence or $MODELSEAL_LICENCE")
+            result, created = activate(_server(server), key, label=label)
+            what = "activated" if created else "already activated"
+            print(
+                f"{what}: device {result['device_id']} under licence {result['licence_id']}",
+                file=sys.stderr,
+            )
+            _print({k: result[k] for k in ("device_id", "licence_id", "activated_at", "policy")})
+
+    @licence_app.command("create")
+    def licence_create(
+        model: Annotated[list[str], typer.Option("--model", help="Model id or name (repeatable).")],
+        max_devices: Annotated[int, typer.Option("--max-devices", help="Devices that may activate.")],
+        expires: Annotated[str | None, typer.Option("--expires", help="Expiry date (YYYY-MM-DD or ISO).")] = None,
+        opens_per_day: Annotated[int | None, typer.Option("--opens-per-day", help="Grants per UTC day.")] = None,
+        offline_grace: Annotated[str, typer.Option("--offline-grace", help="Offline grace, e.g. 3d.")] = "0",
+        recheck: Annotated[str, typer.Option("--recheck", help="Recheck interval, e.g. 1h.")] = "1h",
+        grant_ttl: Annotated[str, typer.Option("--grant-ttl", help="Grant lifetime, e.g. 1d.")] = "1d",
+        label: Annotated[str | None, typer.Option("--label", help="A note on who the licence is for.")] = None,
+        server: ServerOpt = None,
+        admin_token: TokenOpt = None,
+        admin_token_file: TokenFileOpt = None,
+    ) -> None:
+        """Create a licence; prints its key once (the server keeps only a keyed hash)."""
+        with translate(), _admin_client(server, admin_token, admin_token_file) as client:
+            by_name = {m["name"]: m["id"] for m in client.items("/v1/admin/models", {})}
+            ids = [m if m.startswith("mdl_") else by_name.get(m, "") for m in model]
+            missing = [m for m, i in zip(model, ids, strict=True) if not i]
+            if missing:
+                raise LicenceError("not-found", f"no model named {missing[0]!r}")
+            policy: dict[str, Any] = {
+                "models": ids,
+                "max_devices": max_devices,
+                "expires_at": parse_time(expires) if expires else None,
+                "opens_per_day": opens_per_day,
+                "offline_grace_s": parse_duration(offline_grace),
+                "recheck_interval_s": parse_duration(recheck),
+                "grant_ttl_s": parse_duration(grant_ttl),
+            }
+            body: dict[str, Any] = {"policy": policy} | ({"label": label} if label else {})
+            _, result = client.request("POST", "/v1/admin/licences", json=body)
+            print(f"licence {result['licence']['id']}; its key (shown once):", file=sys.stderr)
+            print(result["licence_key"])
+
+    @licence_app.command("list")
+    def licence_list(
+        status: Annotated[str, typer.Option("--status", help="active, revoked, expired or all.")] = "all",
+        model: Annotated[str | None, typer.Option("--model", help="Only licences for this model id.")] = None,
+        server: ServerOpt = None,
+        admin_token: TokenOpt = None,
+        admin_token_file: TokenFileOpt = None,
+    ) -> None:
+        """List licences (JSON)."""
+        with translate(), _admin_client(server, admin_token, admin_token_file) as client:
+            _print(client.items("/v1/admin/licences", {"status": status, "model_id": model}))
+
+    @licence_app.command("revoke")
+    def licence_revoke(
+        licence_id: Annotated[str, typer.Argument(help="lic_… id.")],
+        reason: Annotated[str, typer.Option("--reason", help="Why (kept in the audit log).")],
+        server: ServerOpt = None,
+        admin_token: TokenOpt = None,
+        admin_token_file: TokenFileOpt = None,
+    ) -> None:
+        """Revoke a licence: later activations and grants under it are refused."""
+        with translate(), _admin_client(server, admin_token, admin_token_file) as client:
+            _, result = client.request("POST", f"/v1/admin/licences/{licence_id}/revoke", json={"reason": reason})
+            print(f"revoked {result['id']}", file=sys.stderr)
+
+    @device_app.command("list")
+    def device_list(
+        licence: Annotated[str | None, typer.Option("--licence", help="Only devices of this licence id.")] = None,
+        status: Annotated[str, typer.Option("--status", help="active, revoked or all.")] = "all",
+        server: ServerOpt = None,
+        admin_token: TokenOpt = None,
+        admin_token_file: TokenFileOpt = None,
+    ) -> None:
+        """List activated devices (JSON)."""
+        with translate(), _admin_client(server, admin_token, admin_token_file) as client:
+            _print(client.items("/v1/admin/devices", {"licence_id": licence, "status": status}))
+
+    @device_app.command("revoke")
+    def device_revoke(
+        device_id: Annotated[str, typer.Argument(help="dev_… id.")],
+        reason: Annotated[str, typer.Option("--reason", help="Why (kept in the audit log).")],
+        server: ServerOpt = None,
+        admin_token: TokenOpt = None,
+        admin_token_file: TokenFileOpt = None,
+    ) -> None:
+        """Revoke a device and free its slot."""
+        with translate(), _admin_client(server, admin_token, admin_token_file) as client:
+            _, result = client.request("POST", f"/v1/admin/devices/{device_id}/revoke", json={"reason": reason})
+            print(f"revoked {result['id']}", file=sys.stderr)

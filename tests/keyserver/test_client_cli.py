@@ -1,0 +1,103 @@
+"""``modelseal activate``, ``licence …`` and ``device …`` against a real ``keyserver serve`` process."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from modelseal.cli import app as cli_app
+
+from .test_cli import _free_port, _get
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELSEAL")}
+    cmd = [sys.executable, "-m", "modelseal", "keyserver", "serve", "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                if _get(base + "/readyz")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("server did not become ready")
+        yield base, (tmp_path / "modelseal-keyserver" / "admin-token").read_text().strip()
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0].decode(errors="replace")
+    assert "Traceback" not in out, out
+
+
+def _cli(home: Path, base: str, token: str, *args: str) -> tuple[int, str, str]:
+    env = {"MODELSEAL_HOME": str(home), "MODELSEAL_KEYSERVER": base, "MODELSEAL_ADMIN_TOKEN": token}
+    r = CliRunner().invoke(cli_app, list(args), env=env)
+    return r.exit_code, r.stdout, r.stderr
+
+
+def test_publisher_and_device_commands(live: tuple[str, str], tmp_path: Path) -> None:
+    base, token = live
+    req = urllib.request.Request(
+        base + "/v1/admin/models",
+        data=b'{"name": "resnet"}',
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        model_id = json.loads(resp.read())["id"]
+    home = tmp_path / "home"
+    code, out, err = _cli(
+        home, base, token, "licence", "create", "--model", "resnet", "--max-devices", "1",
+        "--offline-grace", "3d", "--recheck", "1h", "--grant-ttl", "7d", "--expires", "2099-01-01",
+    )  # fmt: skip
+    assert code == 0, err
+    key = out.strip()
+    assert key.startswith("MSEAL-LICENCE:")
+    code, out, _ = _cli(home, base, token, "licence", "list")
+    [licence] = json.loads(out)
+    assert licence["policy"]["models"] == [model_id] and licence["policy"]["offline_grace_s"] == 3 * 86400
+
+    code, out, err = _cli(home, base, token, "activate", "--licence", key, "--label", "laptop")
+    assert code == 0, err
+    device_id = json.loads(out)["device_id"]
+    assert stat.S_IMODE((home / "device.key").stat().st_mode) == 0o600
+    text = (home / "device.key").read_text()
+    assert "MSEAL-X25519-SECRET:" in text and "MSEAL-ED25519-SECRET:" in text
+    code, out, err = _cli(home, base, token, "activate", "--licence", key)  # idempotent
+    assert code == 0 and json.loads(out)["device_id"] == device_id and "already" in err
+    code, _, err = _cli(tmp_path / "other", base, token, "activate", "--licence", key)
+    assert code == 10 and "device-limit-reached" in err
+    code, _, err = _cli(home, base, token, "activate", "--licence", "MSEAL-LICENCE:" + "A" * 70)
+    assert code == 10 and "invalid" in err
+
+    code, out, _ = _cli(home, base, token, "device", "list", "--licence", licence["id"])
+    assert [d["id"] for d in json.loads(out)] == [device_id]
+    assert _cli(home, base, token, "device", "revoke", device_id, "--reason", "lost")[0] == 0
+    code, _, err = _cli(home, base, token, "activate", "--licence", key)
+    assert code == 10 and "device-revoked" in err
+    assert _cli(home, base, token, "licence", "revoke", licence["id"], "--reason", "ended")[0] == 0
+    code, out, _ = _cli(home, base, token, "licence", "list", "--status", "revoked")
+    assert [i["id"] for i in json.loads(out)] == [licence["id"]]
+    code, _, err = _cli(home, base, "MSEAL-ADMIN:nope", "licence", "list")
+    assert code == 10 and "invalid-credential" in err
+
+
+def test_unreachable_server_is_exit_11(tmp_path: Path) -> None:
+    base = f"http://127.0.0.1:{_free_port()}"
+    code, _, err = _cli(tmp_path, base, "MSEAL-ADMIN:x", "licence", "list")
+    assert code == 11, err
+    code, _, _ = _cli(tmp_path, base, "x", "activate", "--licence", "MSEAL-LICENCE:" + "A" * 70)
+    assert code == 11
