@@ -44,12 +44,29 @@ open = open_sealed  # noqa: A001 - ``modelseal.open`` is the documented name
 
 __version__ = "0.1.0"
 
+_KEYSERVER_NAMES = ("KeyServer", "KeyServerRecipient", "KeyServerUnreachable", "KeyServerUnwrapper", "LicenceError")
+
+
+def __getattr__(name: str) -> object:
+    # The key server client loads on first use (it is light, but most users never need it).
+    if name in _KEYSERVER_NAMES:
+        from .keyserver import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'modelseal' has no attribute {name!r}")
+
+
 __all__ = [
     "ContainerInfo",
     "EntryInfo",
     "FormatError",
     "Identity",
     "IntegrityError",
+    "KeyServer",
+    "KeyServerRecipient",
+    "KeyServerUnreachable",
+    "KeyServerUnwrapper",
+    "LicenceError",
     "ModelLoadError",
     "ModelSealError",
     "PassphraseRecipient",

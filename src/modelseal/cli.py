@@ -26,7 +26,7 @@ from rich.table import Table
 
 from . import container
 from .errors import ModelSealError
-from .keys import Identity, SigningKey, Unwrapper, VerifyKey
+from .keys import Identity, Recipient, SigningKey, Unwrapper, VerifyKey
 
 EXIT_USAGE = 2
 EXIT_OS = 7
@@ -100,6 +100,12 @@ def _identities(paths: list[Path] | None) -> list[Unwrapper]:
     env = os.environ.get("MODELSEAL_IDENTITY")
     if not ids and env:
         ids.append(Identity.load(env))
+    if not ids:
+        # A device activated with a key server (``modelseal activate``) opens through it.
+        from .keyserver.client import KeyServerUnwrapper, activations, state_dir
+
+        if os.environ.get("MODELSEAL_KEYSERVER") or activations(state_dir()):
+            ids.append(KeyServerUnwrapper())
     return ids
 
 
@@ -111,6 +117,20 @@ def _recipients(values: list[str] | None, files: list[Path] | None) -> list[str]
             if line and not line.startswith("#"):
                 found.append(line)
     return found
+
+
+def _keyserver_recipient(url: str, model: str | None, token: str | None, token_file: Path | None) -> Recipient:
+    from .keys import _read_secret
+    from .keyserver.client import KeyServerRecipient
+
+    if not model:
+        raise ValueError("--keyserver needs --model (the key server model's id or name)")
+    if token is None and token_file is not None:
+        token = _read_secret(token_file, "MSEAL-ADMIN:", "admin token")
+    token = token or os.environ.get("MODELSEAL_ADMIN_TOKEN")
+    if not token:
+        raise ValueError("give an admin token with --admin-token, --admin-token-file or $MODELSEAL_ADMIN_TOKEN")
+    return KeyServerRecipient(url, token, model)
 
 
 def _metadata(pairs: list[str] | None, **named: str | None) -> dict[str, str]:
@@ -180,15 +200,28 @@ def seal(
     model_format: Annotated[str | None, typer.Option("--format", help="Override the detected model format.")] = None,
     chunk_size: Annotated[int, typer.Option(help="AEAD chunk size in bytes (power of two).")] = 1 << 20,
     shard_size: Annotated[int | None, typer.Option(help="Split into shards of at most this many bytes.")] = None,
+    keyserver: Annotated[
+        str | None, typer.Option("--keyserver", help="Escrow the key with this key server and add its stanza.")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Key server model id or name.")] = None,
+    admin_token: Annotated[
+        str | None, typer.Option("--admin-token", help="Admin token (default $MODELSEAL_ADMIN_TOKEN).")
+    ] = None,
+    admin_token_file: Annotated[
+        Path | None, typer.Option("--admin-token-file", help="File holding the admin token (0600).")
+    ] = None,
 ) -> None:
     """Encrypt a model (file or directory) for recipients, optionally signed."""
     metadata = _metadata(meta, owner=owner, copyright=copyright, license=license, name=name, version=model_version)
     signer = SigningKey.load(sign) if sign else None
+    recipients: list[Recipient | str] = list(_recipients(recipient, recipients_file))
+    if keyserver is not None:
+        recipients.append(_keyserver_recipient(keyserver, model, admin_token, admin_token_file))
     with _progress(_tree_size(src), "sealing") as progress:
         info = container.seal(
             src,
             output,
-            recipients=_recipients(recipient, recipients_file),
+            recipients=recipients,
             passphrase=_passphrase(passphrase, confirm=True),
             signer=signer,
             metadata=metadata,

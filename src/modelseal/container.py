@@ -124,6 +124,8 @@ def _info(source: Source, header: fmt.Header, verified: VerifyKey | None = None)
             r["kid"] = b64decode(s["kid"]).hex()
         elif s["type"] == "scrypt":
             r["work_factor"] = f"2^{s['log_n']}"
+        elif s["type"] == "keyserver":  # keyserver spec §4
+            r.update({k: str(s.get(k)) for k in ("url", "model_id", "server_key_id")})
         recipients.append(r)
     return ContainerInfo(
         paths=tuple(source.paths),
@@ -296,7 +298,9 @@ def _seal(
     }
     fmt.validate_manifest(manifest)
     manifest_bytes = dumps_canonical(manifest)
-    stanzas = [r.wrap(content_key, random_bytes) for r in wrappers]
+    stanzas = [
+        r.wrap_for(content_key, salt=salt, key_commitment=keys.commitment, random_bytes=random_bytes) for r in wrappers
+    ]
     fmt.validate_stanzas(stanzas)
     stanzas_bytes = dumps_canonical(stanzas)
     if len(manifest_bytes) > fmt.MAX_MANIFEST_LEN or len(stanzas_bytes) > fmt.MAX_STANZAS_LEN:
@@ -374,7 +378,11 @@ def _unlock(header: fmt.Header, unwrappers: Sequence[Unwrapper]) -> crypto.KeySc
     """Recover the content key and authenticate the header with it."""
     salt = b64decode(header.manifest["salt"])
     commitment = b64decode(header.manifest["key_commitment"])
+    for unwrapper in unwrappers:
+        unwrapper.error = None  # forget a failure recorded by an earlier open
     for stanza in header.stanzas:
+        if stanza["type"] == "keyserver" and stanza.get("key_commitment") != header.manifest["key_commitment"]:
+            continue  # copied from another container: make no request (keyserver spec §4, check 1)
         for unwrapper in unwrappers:
             key = unwrapper.unwrap(stanza)
             if key is None:
@@ -389,6 +397,11 @@ def _unlock(header: fmt.Header, unwrappers: Sequence[Unwrapper]) -> crypto.KeySc
             if not hmac.compare_digest(keys.header_mac(header.signed_prefix), header.header_mac):
                 raise IntegrityError()
             return keys
+    for unwrapper in unwrappers:
+        # An unwrapper that was refused (a key server: licence revoked, unreachable, ...) records why;
+        # report that rather than "wrong key".
+        if isinstance(unwrapper.error, ModelSealError):
+            raise unwrapper.error
     raise WrongKeyError()
 
 
@@ -704,13 +717,17 @@ def open_sealed(
     identity: Unwrapper | Sequence[Unwrapper] | None = None,
     passphrase: str | bytes | None = None,
     require_signer: VerifyKey | str | None = None,
+    keyserver: str | None = None,
+    licence: str | None = None,
 ) -> SealedModel:
     """Open a container for reading in memory (also exported as ``modelseal.open``).
 
     Args:
         path: The container, or the base name / any shard of a shard set.
-        identity: One or more identities (or other unwrappers) to try.
+        identity: One or more identities (or other unwrappers, e.g. ``modelseal.KeyServer(...)``) to try.
         passphrase: A passphrase to try.
+        keyserver: Open through this key server (with ``licence``, or this device's activations).
+        licence: A licence key for the key server (activates this device on first use).
         require_signer: Refuse the container unless this publisher key signed it;
             every chunk is then also checked against its signed hash as it is decrypted.
 
@@ -719,8 +736,15 @@ def open_sealed(
         IntegrityError: The container was tampered with or is corrupt.
         SignatureError: ``require_signer`` was given and did not sign it.
         FormatError: The file is not a well-formed container.
+        modelseal.LicenceError: The key server refused (licence or device revoked, ...).
     """
-    unwrappers = as_unwrappers(identity, passphrase)
+    if keyserver is not None or licence is not None:
+        from .keyserver.client import KeyServerUnwrapper
+
+        given = [] if identity is None and passphrase is None else as_unwrappers(identity, passphrase)
+        unwrappers: list[Unwrapper] = [*given, KeyServerUnwrapper(keyserver, licence)]
+    else:
+        unwrappers = as_unwrappers(identity, passphrase)
     source = Source(path)
     try:
         header = fmt.parse_header(source.read_at, source.size)
@@ -847,7 +871,8 @@ def rewrap(
             for s in header.stanzas
             if not any(r.matches(s) for r in to_remove) and not (remove_passphrase and s["type"] == "scrypt")
         ]
-        stanzas = kept + [r.wrap(keys.content_key) for r in to_add]
+        salt = b64decode(header.manifest["salt"])
+        stanzas = kept + [r.wrap_for(keys.content_key, salt=salt, key_commitment=keys.commitment) for r in to_add]
         if not stanzas:
             raise ValueError("rewrap would leave the container with no recipients")
         fmt.validate_stanzas(stanzas)

@@ -56,13 +56,30 @@ class Recipient(ABC):
     def wrap(self, content_key: bytes, random_bytes: RandomBytes = os.urandom) -> Stanza:
         """Return a stanza (a JSON object with a ``type``) holding ``content_key``."""
 
+    def wrap_for(
+        self, content_key: bytes, *, salt: bytes, key_commitment: bytes, random_bytes: RandomBytes = os.urandom
+    ) -> Stanza:
+        """The stanza for a container with this manifest ``salt`` and ``key_commitment``.
+
+        ``seal`` and ``rewrap`` call this; recipients that need the container's identity (the key
+        server's, which escrows the key under its commitment) override it. Defaults to :meth:`wrap`.
+        """
+        return self.wrap(content_key, random_bytes)
+
     def matches(self, stanza: Stanza) -> bool:
         """True if ``stanza`` was made for this recipient (used by ``rewrap(remove=...)``)."""
         return False
 
 
 class Unwrapper(ABC):
-    """Something that can recover a content key from the stanzas it understands."""
+    """Something that can recover a content key from the stanzas it understands.
+
+    An unwrapper that was refused for a reason worth reporting (a key server that revoked the
+    licence, or could not be reached) sets :attr:`error`; ``open`` raises it instead of
+    ``WrongKeyError`` when no stanza opened.
+    """
+
+    error: Exception | None = None
 
     @abstractmethod
     def unwrap(self, stanza: Stanza) -> bytes | None:

@@ -8,203 +8,43 @@ at module level; httpx loads when a command talks to a server.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from ._private.crypto import LABEL
-from ._private.encoding import b64decode, b64encode
-from .errors import ModelSealError
-from .keys import _IDENTITY, _SIGNING, Identity, SigningKey, _read_secret, _write_secret
+from .keys import _read_secret
+from .keyserver.client import (
+    ACTIVATION_ROUTE,
+    TIMEOUT_S,
+    Client,
+    DeviceKey,
+    KeyServerUnreachable,
+    LicenceError,
+    activate,
+    activation_body,
+    fingerprint,
+    state_dir,
+)
 
-ACTIVATION_ROUTE = "/v1/activations"
-TIMEOUT_S = 10.0
-
-
-class LicenceError(ModelSealError):
-    """The key server refused (exit 10); ``code`` is the server's error code (spec §16)."""
-
-    exit_code = 10
-
-    def __init__(self, code: str, message: str = "") -> None:
-        super().__init__(f"{code}: {message}" if message else code)
-        self.code = code
-
-
-class KeyServerUnreachable(ModelSealError):
-    """No answer from the key server (exit 11)."""
-
-    exit_code = 11
-
-
-# --- device state (spec §10.1, activation subset) ----------------------------------------------
-
-
-def state_dir() -> Path:
-    """``$MODELSEAL_HOME``, else ``$XDG_STATE_HOME/modelseal``, else ``~/.local/state/modelseal``."""
-    if os.environ.get("MODELSEAL_HOME"):
-        return Path(os.environ["MODELSEAL_HOME"])
-    if os.environ.get("XDG_STATE_HOME"):
-        return Path(os.environ["XDG_STATE_HOME"]) / "modelseal"
-    return Path.home() / ".local" / "state" / "modelseal"
-
-
-class DeviceKey:
-    """A device's two key pairs (spec §6): X25519 for grants, Ed25519 for request signatures."""
-
-    def __init__(self, identity: Identity, signing: SigningKey) -> None:
-        self.identity, self.signing = identity, signing
-
-    @classmethod
-    def generate(cls) -> DeviceKey:
-        return cls(Identity.generate(), SigningKey.generate())
-
-    @classmethod
-    def load_or_create(cls, path: Path) -> tuple[DeviceKey, bool]:
-        """The key in ``path``, creating it (0600, never overwriting) if absent; ``(key, created)``."""
-        if path.exists():
-            identity = Identity.from_string(_read_secret(path, _IDENTITY, "device key"))
-            signing = SigningKey.from_string(_read_secret(path, _SIGNING, "device key"))
-            return cls(identity, signing), False
-        key = cls.generate()
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        text = (
-            "# modelseal device key (X25519 + Ed25519). Keep this file secret.\n"
-            f"{key.identity.to_string()}\n{key.signing.to_string()}\n"
-        )
-        _write_secret(path, text, overwrite=False)
-        return key, True
-
-    @property
-    def x25519_public(self) -> bytes:
-        return self.identity.recipient.public_bytes
-
-    @property
-    def ed25519_public(self) -> bytes:
-        return self.signing.verify_key.public_bytes
-
-    def sign_request(self, route: str, body: bytes) -> str:
-        """``Modelseal-Signature`` over the raw body (spec §6)."""
-        message = (
-            LABEL + b"keyserver-request\x00POST\x00" + route.encode("ascii") + b"\x00" + len(body).to_bytes(4, "big")
-        )
-        return b64encode(self.signing.sign(message + body))
-
-
-def fingerprint(home: Path) -> bytes:
-    """``SHA-256(L || "fingerprint\\0" || machine id)``; a random id kept in the state dir if none."""
-    try:
-        machine = Path("/etc/machine-id").read_bytes().strip()
-    except OSError:
-        machine = b""
-    if not machine:
-        path = home / "machine-id"
-        if not path.exists():
-            home.mkdir(parents=True, exist_ok=True, mode=0o700)
-            _write_secret(path, os.urandom(16).hex() + "\n", overwrite=False)
-        machine = path.read_bytes().strip()
-    return hashlib.sha256(LABEL + b"fingerprint\x00" + machine).digest()
-
-
-def activation_body(
-    device: DeviceKey, aud: bytes, fp: bytes, *, label: str | None = None, ts: int | None = None
-) -> bytes:
-    body: dict[str, Any] = {
-        "aud": b64encode(aud),
-        "ts": ts if ts is not None else time.time_ns() // 1000,
-        "x25519_public_key": b64encode(device.x25519_public),
-        "ed25519_public_key": b64encode(device.ed25519_public),
-        "fingerprint": b64encode(fp),
-    }
-    if label is not None:
-        body["label"] = label
-    return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
-
-
-# --- HTTP ---------------------------------------------------------------------------------------
-
-
-class Client:
-    """A thin httpx client: errors become :class:`LicenceError` (server code) or :class:`KeyServerUnreachable`."""
-
-    def __init__(self, url: str, credential: str) -> None:
-        import httpx
-
-        self._httpx = httpx
-        self.url = url.rstrip("/")
-        self.http = httpx.Client(
-            base_url=self.url, timeout=TIMEOUT_S, headers={"Authorization": f"Bearer {credential.strip()}"}
-        )
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.http.close()
-
-    def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
-        try:
-            r = self.http.request(method, path, **kwargs)
-        except self._httpx.HTTPError as exc:
-            raise KeyServerUnreachable(f"cannot reach the key server at {self.url}: {exc}") from None
-        try:
-            data = r.json()
-        except ValueError:
-            data = None
-        if r.status_code >= 500 or r.status_code == 429:
-            code = data["error"]["code"] if isinstance(data, dict) and "error" in data else str(r.status_code)
-            if r.status_code == 429:
-                raise LicenceError(code, "rate limited; retry later")
-            raise KeyServerUnreachable(f"the key server answered {r.status_code} ({code})")
-        if r.status_code >= 400:
-            err = data.get("error", {}) if isinstance(data, dict) else {}
-            raise LicenceError(str(err.get("code", r.status_code)), str(err.get("message", "")))
-        return r.status_code, data
-
-    def items(self, path: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        after = None
-        while True:
-            query = {**params, "limit": 500, **({"after": after} if after else {})}
-            _, page = self.request("GET", path, params={k: v for k, v in query.items() if v is not None})
-            out += page["items"]
-            after = page["next"]
-            if after is None:
-                return out
-
-
-def activate(
-    server: str, licence: str, *, label: str | None = None, home: Path | None = None
-) -> tuple[dict[str, Any], bool]:
-    """Create the device key if absent, then register it under ``licence``; ``(response, created)``."""
-    home = home or state_dir()
-    device, _ = DeviceKey.load_or_create(home / "device.key")
-    with Client(server, licence) as client:
-        _, info = client.request("GET", "/v1/server-info")
-        current = [k for k in info["signing_keys"] if k["current"]]
-        if not current:
-            raise LicenceError("server-key-mismatch", "the server names no current signing key")
-        aud = b64decode(current[0]["kid"], length=8)
-        body = activation_body(device, aud, fingerprint(home), label=label)
-        headers = {
-            "Content-Type": "application/json",
-            "Modelseal-Signature": device.sign_request(ACTIVATION_ROUTE, body),
-        }
-        status, result = client.request("POST", ACTIVATION_ROUTE, content=body, headers=headers)
-    record = home / "activations" / f"{result['licence_id']}.json"
-    record.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    saved = {k: result[k] for k in ("device_id", "licence_id", "activated_at", "policy")} | {"server": server}
-    record.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return result, status == 201
-
+__all__ = [
+    "ACTIVATION_ROUTE",
+    "TIMEOUT_S",
+    "Client",
+    "DeviceKey",
+    "KeyServerUnreachable",
+    "LicenceError",
+    "activate",
+    "activation_body",
+    "fingerprint",
+    "register",
+    "state_dir",
+]
 
 # --- CLI (registered by modelseal.cli) ----------------------------------------------------------
 

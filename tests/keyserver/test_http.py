@@ -88,7 +88,7 @@ def test_every_route_authenticates(client: TestClient) -> None:
     client.headers.pop("Authorization")
     for method, path in routes:
         # Licence routes answer invalid-licence; every other route invalid-credential.
-        code = "invalid-licence" if path == "/v1/activations" else "invalid-credential"
+        code = "invalid-licence" if path in ("/v1/activations", "/v1/grants") else "invalid-credential"
         for headers in ({}, {"Authorization": "Bearer MSEAL-LICENCE:" + "A" * 70}):
             r = client.request(method, path, headers=headers, json={})
             _error(r, 401, code)

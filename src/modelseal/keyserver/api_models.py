@@ -98,3 +98,14 @@ class Activate(Strict):
     ed25519_public_key: B64_32
     fingerprint: B64_32
     label: Text128 | None = None
+
+
+class GrantIn(Strict):
+    """``POST /v1/grants`` (spec §7.4)."""
+
+    aud: B64_8
+    ts: TsUs
+    device_id: Annotated[str, Field(pattern=r"^dev_[A-Za-z0-9_-]{22}$")]
+    model_id: ModelId
+    key_commitment: B64_32
+    fingerprint: B64_32

@@ -84,6 +84,18 @@ class DeviceLimitReached(DomainError):
     status, code = 403, "device-limit-reached"
 
 
+class ModelNotLicensed(DomainError):
+    status, code = 403, "model-not-licensed"
+
+
+class KeyRevoked(DomainError):
+    status, code = 403, "key-revoked"
+
+
+class KeyNotRegistered(DomainError):
+    status, code = 404, "key-not-registered"
+
+
 class NotFound(DomainError):
     status, code = 404, "not-found"
 
@@ -106,6 +118,10 @@ class UnsupportedMediaType(DomainError):
 
 class RateLimited(DomainError):
     status, code = 429, "rate-limited"
+
+
+class UsageLimitReached(DomainError):
+    status, code = 429, "usage-limit-reached"
 
 
 class Busy(DomainError):

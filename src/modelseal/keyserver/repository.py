@@ -420,6 +420,40 @@ def revoke_device(conn: Connection, device_id: str, reason: str, now: int) -> bo
     return conn.execute(stmt).rowcount == 1
 
 
+def device_by_id(conn: Connection, device_id: str) -> DbRow | None:
+    return conn.execute(select(t.devices).where(t.devices.c.id == device_id)).first()
+
+
+def licence_has_model(conn: Connection, licence_id: str, model_id: str) -> bool:
+    lm = t.licence_models
+    stmt = select(lm.c.model_id).where(lm.c.licence_id == licence_id, lm.c.model_id == model_id)
+    return conn.execute(stmt).first() is not None
+
+
+def use_device_request(conn: Connection, device_id: str, ts_us: int, now: int) -> bool:
+    """The replay guard (spec §5.3): False if ``ts_us`` is not newer than the last request or the device is revoked."""
+    d = t.devices
+    stmt = (
+        update(d)
+        .where(d.c.id == device_id, d.c.last_request_us < ts_us, d.c.revoked_at.is_(None))
+        .values(last_request_us=ts_us, last_seen_at=now)
+    )
+    return conn.execute(stmt).rowcount == 1
+
+
+def count_grant(conn: Connection, licence_id: str, day: int, limit: int) -> bool:
+    """The daily usage limit (spec §5.3): one conditional upsert; False when ``limit`` is reached."""
+    u = t.usage_days
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    stmt = dialect.insert(u).values(licence_id=licence_id, day=day, grants=1)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[u.c.licence_id, u.c.day],
+        set_={"grants": u.c.grants + 1},
+        where=u.c.grants < limit,
+    ).returning(u.c.grants)
+    return conn.execute(stmt).first() is not None
+
+
 def count_active_devices(conn: Connection, licence_id: str) -> int:
     d = t.devices
     stmt = select(func.count()).where(and_(d.c.licence_id == licence_id, d.c.revoked_at.is_(None)))

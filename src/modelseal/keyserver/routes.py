@@ -21,7 +21,7 @@ from .deps import (
     require_admin_or_licence,
 )
 from .errors import DomainError, NotFound
-from .services import ActivationRequest, Model, Policy
+from .services import ActivationRequest, GrantRequest, Model, Policy
 
 router = APIRouter()
 Limit = Annotated[int, Query(ge=1, le=500)]
@@ -192,6 +192,51 @@ def activate(server: KeyServerDep, request: Request, response: Response) -> dict
         "policy": result.policy,
         "server": server.server_info(),
     }
+
+
+_GRANT_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "malformed-request"},
+    401: {"description": "invalid-licence, invalid-signature, stale-request, wrong-audience, replayed-request"},
+    403: {
+        "description": "licence-revoked, licence-expired, device-revoked, device-mismatch, model-not-licensed, "
+        "key-revoked"
+    },
+    404: {"description": "key-not-registered"},
+    429: {"description": "usage-limit-reached, rate-limited"},
+    503: {"description": "busy"},
+}
+
+
+@router.post(
+    "/v1/grants",
+    dependencies=[Depends(read_json)],
+    openapi_extra=json_body_docs(api.GrantIn),
+    responses=_GRANT_ERRORS,
+)
+def grant(server: KeyServerDep, request: Request) -> dict[str, Any]:
+    """A signed key grant for a registered device (spec §7.4, §8). Checks in the order of spec §7.1."""
+    ip, presented = client_ip(request), bearer(request)
+    try:
+        licence = server.authenticate_licence(presented)
+        raw = request.state.raw_body
+        req = parse_body(api.GrantIn, raw)
+        return server.issue_grant(
+            licence,
+            GrantRequest(
+                aud=b64decode(req.aud),
+                ts=req.ts,
+                device_id=req.device_id,
+                model_id=req.model_id,
+                key_commitment=b64decode(req.key_commitment),
+                fingerprint=b64decode(req.fingerprint),
+                raw_body=raw,
+                signature=request.headers.get("modelseal-signature"),
+            ),
+        )
+    except DomainError as exc:
+        if exc.status == 401:
+            server.note_auth_failure(ip)  # raises rate-limited once this IP is over its window
+        raise
 
 
 @router.post(

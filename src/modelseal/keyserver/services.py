@@ -8,6 +8,7 @@ change always has its record and vice versa. Time and randomness are injected (`
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import os
 import time
@@ -53,19 +54,26 @@ from .errors import (
     InvalidLicence,
     InvalidPublicKey,
     InvalidSignature,
+    KeyNotRegistered,
+    KeyRevoked,
     KeyUnavailable,
     LicenceExpired,
     LicenceRevoked,
     MalformedRequest,
+    ModelNotLicensed,
     NotFound,
     RateLimited,
+    ReplayedRequest,
     SettingsError,
     StaleRequest,
+    UsageLimitReached,
     WrongAudience,
 )
+from .grant import build_grant, sign_grant
 
 _DUMMY_HASH = bytes(32)
 ACTIVATION_ROUTE = "/v1/activations"
+GRANT_ROUTE = "/v1/grants"
 DEFAULT_RATES = {"activate-ip": (30, 60), "activate-licence": (60, 3600), "auth-fail-ip": (60, 60)}
 _ACTIVATION_DENIALS = (
     LicenceRevoked,
@@ -74,6 +82,16 @@ _ACTIVATION_DENIALS = (
     DeviceMismatch,
     DeviceLimitReached,
     InvalidPublicKey,
+)
+_GRANT_DENIALS = (
+    LicenceRevoked,
+    LicenceExpired,
+    DeviceRevoked,
+    DeviceMismatch,
+    ModelNotLicensed,
+    KeyNotRegistered,
+    KeyRevoked,
+    UsageLimitReached,
 )
 
 
@@ -156,6 +174,20 @@ class ActivationRequest:
     ed25519_pk: bytes
     fingerprint: bytes
     label: str | None
+    raw_body: bytes
+    signature: str | None
+
+
+@dataclass(frozen=True)
+class GrantRequest:
+    """A parsed ``POST /v1/grants`` with its raw body and signature header (spec §7.4)."""
+
+    aud: bytes
+    ts: int
+    device_id: str
+    model_id: str
+    key_commitment: bytes
+    fingerprint: bytes
     raw_body: bytes
     signature: str | None
 
@@ -793,6 +825,136 @@ class KeyServer:
                 publisher_id=licence.publisher_id,
                 licence_id=licence.licence_id,
                 detail=detail,
+            )
+            self._audit(conn, event)
+
+        self.db.write(unit)
+
+    # --- grants (spec §7.4, §8) ---------------------------------------------------------------
+
+    def _check_fresh(self, aud: bytes, ts: int) -> None:
+        if not hmac.compare_digest(aud, self.secrets.signing_kid):
+            raise WrongAudience("the request is addressed to another server key")
+        if abs(ts - self._now_us()) > self.clock_skew_s * 1_000_000:
+            raise StaleRequest("the request timestamp is outside the allowed clock skew")
+
+    def issue_grant(self, licence: LicenceAuth, request: GrantRequest) -> dict[str, str]:
+        """A signed grant of the content key to a registered device (the wire form ``SignedGrant``).
+
+        Raises:
+            InvalidSignature: unknown device, a device of another licence, or a bad signature (alike).
+            WrongAudience / StaleRequest / ReplayedRequest: not this server, not now, or used before.
+            LicenceRevoked / LicenceExpired / DeviceRevoked / DeviceMismatch / ModelNotLicensed /
+            KeyNotRegistered / KeyRevoked / UsageLimitReached: policy denials, audited as ``grant.denied``.
+        """
+        with self.db.read() as conn:
+            device = repo.device_by_id(conn, request.device_id)
+        if device is None or device.licence_id != licence.licence_id:
+            # Same answer as a bad signature: no oracle about other licences' devices.
+            raise InvalidSignature("the request signature does not verify")
+        self._verify_request(bytes(device.ed25519_pk), request.signature, GRANT_ROUTE, request.raw_body)
+        self._check_fresh(request.aud, request.ts)
+        try:
+            return self._grant(licence, request, device)
+        except _GRANT_DENIALS as exc:
+            self._audit_grant_denial(licence, request, exc)
+            raise
+
+    def _grant(self, licence: LicenceAuth, request: GrantRequest, device: Any) -> dict[str, str]:
+        now = self._now()
+        with self.db.read() as conn:
+            lic = repo.licence_by_id(conn, licence.licence_id)
+            licensed = repo.licence_has_model(conn, licence.licence_id, request.model_id)
+            key_row = repo.model_key_by_commitment(conn, request.key_commitment)
+        if lic is None or lic.revoked_at is not None:
+            raise LicenceRevoked("the licence is revoked")
+        if lic.expires_at is not None and lic.expires_at <= now:
+            raise LicenceExpired("the licence has expired")
+        if device.revoked_at is not None:
+            raise DeviceRevoked("this device is revoked")
+        fp_hash = fingerprint_hash(self.secrets.pepper, request.fingerprint)
+        if not hmac.compare_digest(bytes(device.fingerprint_hash), fp_hash):
+            raise DeviceMismatch("the request comes from another machine than the one activated")
+        if not licensed:
+            raise ModelNotLicensed("the licence does not cover this model")
+        if key_row is None or key_row.model_id != request.model_id:
+            raise KeyNotRegistered("no content key with this commitment is registered for this model")
+        if key_row.revoked_at is not None:
+            raise KeyRevoked("this content key is revoked")
+
+        # Outside the write lock: unwrap K, build and sign the grant (spec §7.4).
+        not_after = now + lic.grant_ttl_s if lic.expires_at is None else min(now + lic.grant_ttl_s, lic.expires_at)
+        recheck_after = min(now + lic.recheck_interval_s, not_after)
+        offline_until = min(recheck_after + lic.offline_grace_s, not_after)
+        grant_id = self._new_id("grt")
+        fields = {
+            "v": 1,
+            "grant_id": grant_id,
+            "server_key_id": b64encode(self.secrets.signing_kid),
+            "model_id": request.model_id,
+            "licence_id": licence.licence_id,
+            "device_id": device.id,
+            "key_commitment": b64encode(request.key_commitment),
+            "issued_at": now,
+            "recheck_after": recheck_after,
+            "offline_until": offline_until,
+            "not_after": not_after,
+        }
+        content_key = self.kek.unwrap(
+            bytes(key_row.wrapped_key), aad=model_key_aad(request.model_id, request.key_commitment)
+        )
+        ephemeral = X25519PrivateKey.from_private_bytes(self.rng.bytes(32))
+        try:
+            grant_bytes = build_grant(fields, content_key, bytes(device.x25519_pk), ephemeral)
+        except ValueError:
+            raise InvalidPublicKey("the device key is not a valid public key") from None
+        signed = sign_grant(self.secrets.signing_key, grant_bytes)
+
+        def unit(conn: Connection) -> None:
+            row = repo.licence_by_id(conn, licence.licence_id, lock=True)  # lock order: licence → device → usage
+            if row is None or row.revoked_at is not None:
+                raise LicenceRevoked("the licence is revoked")
+            if not repo.use_device_request(conn, device.id, request.ts, now):
+                current = repo.device_by_id(conn, device.id)
+                if current is None or current.revoked_at is not None:
+                    raise DeviceRevoked("this device is revoked")
+                raise ReplayedRequest("the request timestamp was used before")
+            if row.opens_per_day is not None and not repo.count_grant(
+                conn, licence.licence_id, now // 86400, row.opens_per_day
+            ):
+                raise UsageLimitReached("the licence's daily grant limit is reached", retry_after=86400 - now % 86400)
+            detail = {
+                "not_after": not_after,
+                "offline_until": offline_until,
+                "sha256": b64encode(hashlib.sha256(grant_bytes).digest()),
+            }
+            event = AuditEvent(
+                "grant.issued",
+                device.id,
+                publisher_id=licence.publisher_id,
+                licence_id=licence.licence_id,
+                device_id=device.id,
+                model_id=request.model_id,
+                grant_id=grant_id,
+                detail=detail,
+            )
+            self._audit(conn, event)
+
+        self.db.write(unit)
+        return signed
+
+    def _audit_grant_denial(self, licence: LicenceAuth, request: GrantRequest, exc: DomainError) -> None:
+        def unit(conn: Connection) -> None:
+            event = AuditEvent(
+                "grant.denied",
+                request.device_id,
+                "denied",
+                exc.code,
+                publisher_id=licence.publisher_id,
+                licence_id=licence.licence_id,
+                device_id=request.device_id,
+                model_id=request.model_id,
+                detail={"key_commitment": b64encode(request.key_commitment)},
             )
             self._audit(conn, event)
 
