@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import stat
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,6 +14,8 @@ from typer.testing import CliRunner
 from modelseal.cli import app as cli_app
 from modelseal.keyserver.crypto import LocalKey
 from modelseal.keyserver.settings import Settings
+
+from .live import get, serve
 
 
 def _env(settings: Settings) -> dict[str, str]:
@@ -67,50 +65,18 @@ def _admin(settings: Settings) -> str:
     return (settings.data_dir / "admin-token").read_text().strip()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get(url: str, token: str | None = None) -> tuple[int, dict[str, object]]:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_serve_with_no_setup(tmp_path: Path, workers: int) -> None:
     """`modelseal keyserver serve` in an empty directory with a clean environment just works (§17.1 row 1)."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELSEAL")}
-    cmd = [sys.executable, "-m", "modelseal", "keyserver", "serve", "--port", str(port), "--workers", str(workers)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(200):
-            try:
-                if _get(base + "/readyz")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("server did not become ready")
+    with serve(tmp_path, workers=workers) as base:
         data = tmp_path / "modelseal-keyserver"
         assert stat.S_IMODE((data / "master.key").stat().st_mode) == 0o600
         assert stat.S_IMODE((data / "admin-token").stat().st_mode) == 0o600
         token = (data / "admin-token").read_text().strip()
-        status, info = _get(base + "/v1/server-info", token)
+        status, info = get(base + "/v1/server-info", token)
         assert status == 200 and info["public_url"] == "http://127.0.0.1:8750"
-        status, err = _get(base + "/v1/server-info")
+        status, err = get(base + "/v1/server-info")
         assert status == 401 and err["error"]["code"] == "invalid-credential"  # type: ignore[index]
-    finally:
-        proc.terminate()
-        out = proc.communicate(timeout=30)[0].decode(errors="replace")
-    assert "Traceback" not in out, out
 
 
 def test_serve_refuses_bad_settings(tmp_path: Path) -> None:

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import stat
-import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,30 +13,13 @@ from typer.testing import CliRunner
 
 from modelseal.cli import app as cli_app
 
-from .test_cli import _free_port, _get
+from .live import admin_token, free_port, serve
 
 
 @pytest.fixture
 def live(tmp_path: Path) -> Iterator[tuple[str, str]]:
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELSEAL")}
-    cmd = [sys.executable, "-m", "modelseal", "keyserver", "serve", "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            try:
-                if _get(base + "/readyz")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("server did not become ready")
-        yield base, (tmp_path / "modelseal-keyserver" / "admin-token").read_text().strip()
-    finally:
-        proc.terminate()
-        out = proc.communicate(timeout=30)[0].decode(errors="replace")
-    assert "Traceback" not in out, out
+    with serve(tmp_path) as base:
+        yield base, admin_token(tmp_path)
 
 
 def _cli(home: Path, base: str, token: str, *args: str) -> tuple[int, str, str]:
@@ -96,7 +75,7 @@ def test_publisher_and_device_commands(live: tuple[str, str], tmp_path: Path) ->
 
 
 def test_unreachable_server_is_exit_11(tmp_path: Path) -> None:
-    base = f"http://127.0.0.1:{_free_port()}"
+    base = f"http://127.0.0.1:{free_port()}"
     code, _, err = _cli(tmp_path, base, "MSEAL-ADMIN:x", "licence", "list")
     assert code == 11, err
     code, _, _ = _cli(tmp_path, base, "x", "activate", "--licence", "MSEAL-LICENCE:" + "A" * 70)

@@ -4,11 +4,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,32 +18,15 @@ from modelseal._private import format as fmt
 from modelseal.keyserver.client import KeyServerUnwrapper
 
 from ..models import mlp_onnx
-from .test_cli import _free_port, _get
+from .live import admin_token, serve
 from .test_client_cli import _cli
 
 
 @pytest.fixture
 def live(tmp_path: Path) -> Iterator[tuple[str, str]]:
     """``keyserver serve`` in dev mode, its public URL set to where it listens (stanzas carry it)."""
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELSEAL")} | {"MODELSEAL_KS_PUBLIC_URL": base}
-    cmd = [sys.executable, "-m", "modelseal", "keyserver", "serve", "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        for _ in range(200):
-            try:
-                if _get(base + "/readyz")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("server did not become ready")
-        yield base, (tmp_path / "modelseal-keyserver" / "admin-token").read_text().strip()
-    finally:
-        proc.terminate()
-        out = proc.communicate(timeout=30)[0].decode(errors="replace")
-    assert "Traceback" not in out, out
+    with serve(tmp_path, public_url=True) as base:
+        yield base, admin_token(tmp_path)
 
 
 X = np.random.default_rng(1).standard_normal((3, 32)).astype(np.float32)
