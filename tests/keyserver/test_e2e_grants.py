@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 import modelseal
 from modelseal._private import format as fmt
+from modelseal.keyserver import offline
 from modelseal.keyserver.client import KeyServerUnwrapper
 
 from ..models import mlp_onnx
@@ -42,7 +44,7 @@ def _create_model(base: str, token: str, name: str) -> str:
         return str(json.loads(resp.read())["id"])
 
 
-def test_seal_activate_run_revoke(live: tuple[str, str], tmp_path: Path) -> None:
+def test_seal_activate_run_revoke(live: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base, token = live
     publisher, device_home = tmp_path / "publisher", tmp_path / "device"
     model_id = _create_model(base, token, "mlp")
@@ -68,7 +70,7 @@ def test_seal_activate_run_revoke(live: tuple[str, str], tmp_path: Path) -> None
     session = modelseal.load_onnx(sealed, identity=unwrapper, providers=["CPUExecutionProvider"])
     expected = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"]).run(None, {"x": X})[0]
     assert np.array_equal(session.run(None, {"x": X})[0], expected)
-    # opening again works (a fresh grant; request timestamps keep increasing)
+    # opening again works (from the cached grant)
     with modelseal.open(sealed, identity=unwrapper) as m:
         assert m.read() == plain.read_bytes()
 
@@ -85,11 +87,17 @@ def test_seal_activate_run_revoke(live: tuple[str, str], tmp_path: Path) -> None
     assert code == 0, err
 
     assert _cli(publisher, base, token, "device", "revoke", device_id, "--reason", "lost")[0] == 0
+    # Revocation takes effect at the next online check (spec §10.5): until the grant's
+    # recheck_after the cached grant opens without contacting the server.
+    with modelseal.open(sealed, identity=unwrapper) as m:
+        assert m.read() == plain.read_bytes()
+    monkeypatch.setattr(offline, "local_time", lambda: time.time() + 3601)  # past the 1 h recheck
     with pytest.raises(modelseal.LicenceError) as info:
         modelseal.load_onnx(sealed, identity=unwrapper, providers=["CPUExecutionProvider"])
     assert info.value.code == "device-revoked"
     code, _, err = _cli(device_home, base, token, "open", str(sealed), "-o", str(tmp_path / "out2"))
     assert code == 10 and "device-revoked" in err
+    assert not list((device_home / "grants").rglob("*.grant"))  # the denial removed the cached grant
 
 
 def test_copied_stanza_makes_no_request_and_unknown_server_is_not_contacted(

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from .._private.crypto import LABEL
 from .._private.encoding import b64decode, b64encode
 from ..errors import FormatError, ModelSealError
@@ -35,13 +37,19 @@ from ..keys import (
     _read_secret,
     _write_secret,
 )
+from . import offline
 from .crypto import LICENCE_PREFIX, decode_secret, escrow_wrap, make_id
 from .grant import GrantInvalid, check_binding, unwrap_grant, verify_signed
+from .offline import CLOCK_TOLERANCE_S, State, write_atomic
 
 GRANT_ROUTE = "/v1/grants"
-CLOCK_TOLERANCE_S = 300
 ACTIVATION_ROUTE = "/v1/activations"
 TIMEOUT_S = 10.0
+# Authenticated denials (spec §10.3): cached grants are forgotten, of the whole licence for the first set.
+_LICENCE_DENIALS = frozenset({"licence-revoked", "licence-expired", "device-revoked", "device-mismatch"})
+_DENIALS = _LICENCE_DENIALS | {"model-not-licensed", "key-revoked"}
+# Answers that mean "try later", handled like an unreachable server.
+_OFFLINE_CODES = frozenset({"rate-limited", "busy"})
 
 
 class LicenceError(ModelSealError):
@@ -229,8 +237,8 @@ def activate(
         "signing_keys": [{"kid": k["kid"], "public_key": k["public_key"]} for k in info["signing_keys"]],
     }
     with _locked(home):
-        _write_atomic(record.with_suffix(".key"), licence.strip() + "\n")
-        _write_atomic(record, json.dumps(saved, indent=2, sort_keys=True) + "\n")
+        write_atomic(record.with_suffix(".key"), licence.strip() + "\n")
+        write_atomic(record, json.dumps(saved, indent=2, sort_keys=True) + "\n")
     return result, status == 201
 
 
@@ -249,17 +257,6 @@ def _locked(home: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a 0600 file through a temporary file, fsync and rename (call under :func:`_locked`)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    _write_secret(tmp, text, overwrite=False)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def next_ts(home: Path) -> int:
     """A request timestamp (µs) strictly greater than any this device used before (spec §6)."""
     path = home / "device.state"
@@ -269,7 +266,7 @@ def next_ts(home: Path) -> int:
         except (OSError, ValueError, KeyError, TypeError):
             last = 0
         ts = max(time.time_ns() // 1000, last + 1)
-        _write_atomic(path, json.dumps({"v": 1, "last_ts": ts}) + "\n")
+        write_atomic(path, json.dumps({"v": 1, "last_ts": ts}) + "\n")
     return ts
 
 
@@ -447,7 +444,43 @@ class KeyServerUnwrapper(Unwrapper):
             raise LicenceError("not-activated", "this device is not activated for this container's key server")
         record = records[0]
         device = DeviceKey.load(home / "device.key")
-        signed = self._fetch(home, record, device, model_id, key_commitment, kid)
+        secret = device.identity._key
+        with _locked(home):
+            state = State(home, secret.private_bytes_raw(), device.x25519_public)
+            clock, rolled_back = state.clock()
+            now = offline.local_time() + (clock.offset if clock else 0.0)
+            cached = state.cached_grant(
+                licence_id=record.licence_id,
+                device_id=record.device_id,
+                model_id=model_id,
+                key_commitment=key_commitment,
+                signing_keys=record.signing_keys,
+            )
+            if cached and not rolled_back and _valid(cached.grant, now, "recheck_after"):
+                state.note_use(clock)  # spec §10.5: no contact needed yet
+                return self._key(cached.grant, secret)
+        try:
+            signed = self._fetch(home, record, device, model_id, key_commitment, kid)
+        except (KeyServerUnreachable, LicenceError) as exc:
+            if isinstance(exc, LicenceError) and exc.code in _DENIALS:
+                with _locked(home):
+                    state.drop_grants(record.licence_id, None if exc.code in _LICENCE_DENIALS else model_id)
+                raise
+            if isinstance(exc, LicenceError) and exc.code not in _OFFLINE_CODES:
+                raise
+            if rolled_back:
+                raise LicenceError(
+                    "clock-rollback", "the clock was set back; the key server must be reached to open again"
+                ) from None
+            if cached is None:
+                raise
+            if not _valid(cached.grant, now, "offline_until"):
+                raise LicenceError(
+                    "offline-expired", f"the offline grace period is over and the key server is unreachable ({exc})"
+                ) from None
+            with _locked(home):
+                state.note_use(clock)
+            return self._key(cached.grant, secret)
         try:
             _, grant = verify_signed(signed, record.signing_keys)
             check_binding(
@@ -457,10 +490,17 @@ class KeyServerUnwrapper(Unwrapper):
                 licence_id=record.licence_id,
                 device_id=record.device_id,
             )
-            now = time.time()
-            if not grant["issued_at"] - CLOCK_TOLERANCE_S <= now < grant["not_after"]:
-                raise GrantInvalid("the grant is not valid now")
-            return unwrap_grant(grant, device.identity._key)
+        except GrantInvalid as exc:
+            raise LicenceError("grant-invalid", str(exc)) from None
+        with _locked(home):
+            state.save_grant(record.licence_id, model_id, key_commitment, signed)
+            state.note_use(clock, server_time=grant["issued_at"])
+        return self._key(grant, secret)
+
+    @staticmethod
+    def _key(grant: dict[str, Any], secret: X25519PrivateKey) -> bytes:
+        try:
+            return unwrap_grant(grant, secret)
         except GrantInvalid as exc:
             raise LicenceError("grant-invalid", str(exc)) from None
 
@@ -481,6 +521,11 @@ class KeyServerUnwrapper(Unwrapper):
                     if exc.code != "replayed-request" or attempt:
                         raise
         raise AssertionError("unreachable")
+
+
+def _valid(grant: dict[str, Any], now: float, until: str) -> bool:
+    """Spec §10.5: ``issued_at - tolerance <= now < grant[until]``."""
+    return bool(grant["issued_at"] - CLOCK_TOLERANCE_S <= now < grant[until])
 
 
 KeyServer = KeyServerUnwrapper
