@@ -719,6 +719,7 @@ def open_sealed(
     require_signer: VerifyKey | str | None = None,
     keyserver: str | None = None,
     licence: str | None = None,
+    grant_token: str | None = None,
 ) -> SealedModel:
     """Open a container for reading in memory (also exported as ``modelseal.open``).
 
@@ -728,6 +729,7 @@ def open_sealed(
         passphrase: A passphrase to try.
         keyserver: Open through this key server (with ``licence``, or this device's activations).
         licence: A licence key for the key server (activates this device on first use).
+        grant_token: A one-time grant token to redeem with ``keyserver`` instead of a licence.
         require_signer: Refuse the container unless this publisher key signed it;
             every chunk is then also checked against its signed hash as it is decrypted.
 
@@ -738,11 +740,11 @@ def open_sealed(
         FormatError: The file is not a well-formed container.
         modelseal.LicenceError: The key server refused (licence or device revoked, ...).
     """
-    if keyserver is not None or licence is not None:
+    if keyserver is not None or licence is not None or grant_token is not None:
         from .keyserver.client import KeyServerUnwrapper
 
         given = [] if identity is None and passphrase is None else as_unwrappers(identity, passphrase)
-        unwrappers: list[Unwrapper] = [*given, KeyServerUnwrapper(keyserver, licence)]
+        unwrappers: list[Unwrapper] = [*given, KeyServerUnwrapper(keyserver, licence, grant_token=grant_token)]
     else:
         unwrappers = as_unwrappers(identity, passphrase)
     source = Source(path)

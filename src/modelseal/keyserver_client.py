@@ -99,6 +99,18 @@ def _print(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True))
 
 
+def _model_ids(client: Client, refs: list[str]) -> list[str]:
+    """Model ids for ids or names (``not-found`` for an unknown name)."""
+    if all(r.startswith("mdl_") for r in refs):
+        return list(refs)
+    by_name = {m["name"]: m["id"] for m in client.items("/v1/admin/models", {})}
+    ids = [r if r.startswith("mdl_") else by_name.get(r, "") for r in refs]
+    missing = [r for r, i in zip(refs, ids, strict=True) if not i]
+    if missing:
+        raise LicenceError("not-found", f"no model named {missing[0]!r}")
+    return ids
+
+
 def register(app: typer.Typer, translate: Any) -> None:
     """Add ``activate``, ``licence …`` and ``device …`` to the ``modelseal`` command line."""
     licence_app = typer.Typer(
@@ -109,6 +121,10 @@ def register(app: typer.Typer, translate: Any) -> None:
     )
     app.add_typer(licence_app, name="licence")
     app.add_typer(device_app, name="device")
+    token_app = typer.Typer(
+        help="One-time grant tokens (publishers): a token opens one model once.", no_args_is_help=True
+    )
+    app.add_typer(token_app, name="grant-token")
 
     @app.command("activate")
     def activate_cmd(
@@ -149,11 +165,7 @@ def register(app: typer.Typer, translate: Any) -> None:
     ) -> None:
         """Create a licence; prints its key once (the server keeps only a keyed hash)."""
         with translate(), _admin_client(server, admin_token, admin_token_file) as client:
-            by_name = {m["name"]: m["id"] for m in client.items("/v1/admin/models", {})}
-            ids = [m if m.startswith("mdl_") else by_name.get(m, "") for m in model]
-            missing = [m for m, i in zip(model, ids, strict=True) if not i]
-            if missing:
-                raise LicenceError("not-found", f"no model named {missing[0]!r}")
+            ids = _model_ids(client, model)
             policy: dict[str, Any] = {
                 "models": ids,
                 "max_devices": max_devices,
@@ -217,3 +229,27 @@ def register(app: typer.Typer, translate: Any) -> None:
         with translate(), _admin_client(server, admin_token, admin_token_file) as client:
             _, result = client.request("POST", f"/v1/admin/devices/{device_id}/revoke", json={"reason": reason})
             print(f"revoked {result['id']}", file=sys.stderr)
+
+    @token_app.command("create")
+    def grant_token_create(
+        licence: Annotated[str, typer.Option("--licence", help="lic_… id the token draws on.")],
+        model: Annotated[str, typer.Option("--model", help="Model id or name.")],
+        device: Annotated[str | None, typer.Option("--device", help="Bind to this dev_… device.")] = None,
+        expires: Annotated[str, typer.Option("--expires", help="Redeemable for, e.g. 1d.")] = "1d",
+        grant_ttl: Annotated[str, typer.Option("--grant-ttl", help="Lifetime of the grant, e.g. 1h.")] = "1h",
+        server: ServerOpt = None,
+        admin_token: TokenOpt = None,
+        admin_token_file: TokenFileOpt = None,
+    ) -> None:
+        """Create a one-time grant token; prints it once (hand it over in a request body, never a URL)."""
+        with translate(), _admin_client(server, admin_token, admin_token_file) as client:
+            [model_id] = _model_ids(client, [model])
+            body: dict[str, Any] = {
+                "licence_id": licence,
+                "model_id": model_id,
+                "expires_in_s": parse_duration(expires),
+                "grant_ttl_s": parse_duration(grant_ttl),
+            } | ({"device_id": device} if device else {})
+            _, result = client.request("POST", "/v1/admin/grant-tokens", json=body)
+            print(f"grant token {result['id']}, redeemable until {result['expires_at']} (shown once):", file=sys.stderr)
+            print(result["token"])

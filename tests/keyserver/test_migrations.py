@@ -21,7 +21,7 @@ def test_migrated_schema_matches_metadata(keyserver: KeyServer) -> None:
 
 
 def test_at_head_and_idempotent(keyserver: KeyServer) -> None:
-    assert keyserver.db.current_revision() == keyserver.db.head_revision() == "0002"
+    assert keyserver.db.current_revision() == keyserver.db.head_revision() == "0003"
     keyserver.db.migrate()  # a second run changes nothing
     assert keyserver.db.is_ready()
 

@@ -109,3 +109,22 @@ class GrantIn(Strict):
     model_id: ModelId
     key_commitment: B64_32
     fingerprint: B64_32
+
+
+class GrantTokenCreate(Strict):
+    """``POST /v1/admin/grant-tokens`` (spec §7.7)."""
+
+    licence_id: Annotated[str, Field(pattern=r"^lic_[A-Za-z0-9_-]{22}$")]
+    model_id: ModelId
+    key_commitment: B64_32 | None = None
+    device_id: Annotated[str, Field(pattern=r"^dev_[A-Za-z0-9_-]{22}$")] | None = None
+    expires_in_s: Annotated[int, Field(ge=60, le=2_592_000)] = 86400
+    grant_ttl_s: Annotated[int, Field(ge=60, le=2_592_000)] = 3600
+
+
+class GrantTokenRedeem(Strict):
+    """``POST /v1/grant-tokens/redeem`` (spec §7.5); the token is the bearer credential, never in a URL."""
+
+    x25519_public_key: B64_32
+    model_id: ModelId
+    key_commitment: B64_32

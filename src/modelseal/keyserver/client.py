@@ -38,11 +38,12 @@ from ..keys import (
     _write_secret,
 )
 from . import offline
-from .crypto import LICENCE_PREFIX, decode_secret, escrow_wrap, make_id
+from .crypto import LICENCE_PREFIX, b64url, decode_secret, escrow_wrap, make_id
 from .grant import GrantInvalid, check_binding, unwrap_grant, verify_signed
 from .offline import CLOCK_TOLERANCE_S, State, write_atomic
 
 GRANT_ROUTE = "/v1/grants"
+REDEEM_ROUTE = "/v1/grant-tokens/redeem"
 ACTIVATION_ROUTE = "/v1/activations"
 TIMEOUT_S = 10.0
 # Authenticated denials (spec §10.3): cached grants are forgotten, of the whole licence for the first set.
@@ -396,13 +397,24 @@ class KeyServerUnwrapper(Unwrapper):
     Args:
         keyserver: The key server URL (default ``$MODELSEAL_KEYSERVER``).
         licence: The licence key (default ``$MODELSEAL_LICENCE``, then the activation records).
+        grant_token: A one-time grant token (``MSEAL-GRANT-TOKEN:…``, spec §9) to redeem instead of
+            a licence; needs ``keyserver``. The grant is wrapped to this device's key if it has one,
+            else to a key that lives only in memory, and is not cached.
         home: The state directory (default :func:`state_dir`).
     """
 
-    def __init__(self, keyserver: str | None = None, licence: str | None = None, *, home: Path | None = None) -> None:
+    def __init__(
+        self,
+        keyserver: str | None = None,
+        licence: str | None = None,
+        *,
+        grant_token: str | None = None,
+        home: Path | None = None,
+    ) -> None:
         url = keyserver or os.environ.get("MODELSEAL_KEYSERVER")
         self.url = url.rstrip("/") if url else None
         self.licence = licence or os.environ.get("MODELSEAL_LICENCE")
+        self.grant_token = grant_token
         self.home = home
         self.error: ModelSealError | None = None
 
@@ -416,6 +428,8 @@ class KeyServerUnwrapper(Unwrapper):
         if checked is None:
             return None
         try:
+            if self.grant_token is not None:
+                return self._redeem(*checked)
             return self._unwrap(*checked)
         except (LicenceError, KeyServerUnreachable) as exc:
             if self.error is None:
@@ -495,6 +509,43 @@ class KeyServerUnwrapper(Unwrapper):
         with _locked(home):
             state.save_grant(record.licence_id, model_id, key_commitment, signed)
             state.note_use(clock, server_time=grant["issued_at"])
+        return self._key(grant, secret)
+
+    def _redeem(self, model_id: str, key_commitment: bytes, kid: bytes) -> bytes:
+        """Spec §9, client side: pin the server from server-info, redeem the token once, verify."""
+        token, self.grant_token = self.grant_token, None  # one attempt, whatever the outcome
+        if not self.url or not token:
+            raise LicenceError("not-activated", "a grant token needs the key server's URL (keyserver=)")
+        path = (self.home or state_dir()) / "device.key"
+        secret = DeviceKey.load(path).identity._key if path.exists() else X25519PrivateKey.generate()
+        public = secret.public_key().public_bytes_raw()
+        with Client(self.url, token) as client:
+            _, info = client.request("GET", "/v1/server-info")
+            keys = {b64decode(k["kid"], length=8): b64decode(k["public_key"], length=32) for k in info["signing_keys"]}
+            if kid not in keys:
+                raise LicenceError("server-key-mismatch", "the key server does not hold this container's signing key")
+            body = {
+                "x25519_public_key": b64encode(public),
+                "model_id": model_id,
+                "key_commitment": b64encode(key_commitment),
+            }
+            _, signed = client.request("POST", REDEEM_ROUTE, json=body)
+        try:
+            _, grant = verify_signed(signed, {kid: keys[kid]})
+            if grant["device_id"].startswith("pk_"):
+                check_binding(
+                    grant,
+                    model_id=model_id,
+                    key_commitment=key_commitment,
+                    licence_id=grant["licence_id"],  # not checked for a token grant (spec §8.4)
+                    device_id="pk_" + b64url(public),
+                )
+            elif grant["model_id"] != model_id or b64decode(grant["key_commitment"]) != key_commitment:
+                raise GrantInvalid("the grant is for another model or container")
+            if not _valid(grant, time.time(), "not_after"):
+                raise GrantInvalid("the grant is not valid now")
+        except GrantInvalid as exc:
+            raise LicenceError("grant-invalid", str(exc)) from None
         return self._key(grant, secret)
 
     @staticmethod

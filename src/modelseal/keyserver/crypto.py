@@ -25,6 +25,7 @@ from .errors import CommitmentMismatch, EscrowInvalid, KeyUnavailable, SettingsE
 MASTER_PREFIX = "MSEAL-KS-MASTER:"
 ADMIN_PREFIX = "MSEAL-ADMIN:"
 LICENCE_PREFIX = "MSEAL-LICENCE:"
+GRANT_TOKEN_PREFIX = "MSEAL-GRANT-TOKEN:"
 DEV_MASTER_KEY = hashlib.sha256(b"modelseal/v1 dev master key, never use in production").digest()
 ID_RE = re.compile(r"^(pub|adm|mdl|lic|dev|grt|tok|ofr)_[A-Za-z0-9_-]{22}$")
 _WRAP_VERSION = b"\x01"

@@ -41,12 +41,16 @@ AdminDep = Annotated[Admin, Depends(get_admin)]
 def require_admin_or_licence(
     server: KeyServerDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
-    """Admin or Licence auth (``/v1/server-info``, spec §7.2); failures are ``invalid-credential``."""
+    """Admin, Licence or grant-token auth (``/v1/server-info``, spec §7.2); failures are ``invalid-credential``."""
     if credentials is None:
         raise InvalidCredential("an admin token or licence key is required")
-    if credentials.credentials.startswith("MSEAL-LICENCE:"):
+    presented = credentials.credentials
+    if presented.startswith(("MSEAL-LICENCE:", "MSEAL-GRANT-TOKEN:")):
+        check = (
+            server.authenticate_licence if presented.startswith("MSEAL-LICENCE:") else server.authenticate_grant_token
+        )
         try:
-            server.authenticate_licence(credentials.credentials)
+            check(presented)
         except DomainError:
             raise InvalidCredential("invalid credential") from None
         return

@@ -64,6 +64,20 @@ class WrongAudience(DomainError):
     status, code = 401, "wrong-audience"
 
 
+class InvalidToken(DomainError):
+    """A grant token that is malformed, unknown or has the wrong secret (one answer for all)."""
+
+    status, code = 401, "invalid-token"
+
+
+class TokenExpired(DomainError):
+    status, code = 403, "token-expired"
+
+
+class TokenAlreadyRedeemed(DomainError):
+    status, code = 409, "token-already-redeemed"
+
+
 class LicenceRevoked(DomainError):
     status, code = 403, "licence-revoked"
 

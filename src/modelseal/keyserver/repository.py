@@ -516,3 +516,25 @@ def audit_records(
     if publisher_id is not None:
         stmt = stmt.where(a.c.publisher_id == publisher_id)
     return conn.execute(stmt.order_by(a.c.seq).limit(limit)).all()
+
+
+# --- grant tokens (spec §9) ---------------------------------------------------------------------
+
+
+def insert_grant_token(conn: Connection, row: dict[str, Any]) -> None:
+    conn.execute(insert(t.grant_tokens).values(**row))
+
+
+def grant_token_by_id(conn: Connection, token_id: str) -> DbRow | None:
+    return conn.execute(select(t.grant_tokens).where(t.grant_tokens.c.id == token_id)).first()
+
+
+def redeem_grant_token(conn: Connection, token_id: str, grant_id: str, now: int) -> bool:
+    """The one-time redemption (spec §5.3): true for exactly one caller, while unexpired."""
+    c = t.grant_tokens.c
+    result = conn.execute(
+        update(t.grant_tokens)
+        .where(c.id == token_id, c.redeemed_at.is_(None), c.expires_at > now)
+        .values(redeemed_at=now, redeemed_grant_id=grant_id)
+    )
+    return result.rowcount == 1

@@ -239,6 +239,66 @@ def grant(server: KeyServerDep, request: Request) -> dict[str, Any]:
         raise
 
 
+_TOKEN_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "malformed-request, invalid-public-key"},
+    401: {"description": "invalid-token"},
+    403: {
+        "description": "token-expired, licence-revoked, licence-expired, model-not-licensed, key-revoked, "
+        "device-mismatch, device-revoked"
+    },
+    404: {"description": "key-not-registered"},
+    409: {"description": "token-already-redeemed"},
+    429: {"description": "usage-limit-reached, rate-limited"},
+    503: {"description": "busy"},
+}
+
+
+@router.post(
+    "/v1/grant-tokens/redeem",
+    dependencies=[Depends(read_json)],
+    openapi_extra=json_body_docs(api.GrantTokenRedeem),
+    responses=_TOKEN_ERRORS,
+)
+def redeem_grant_token(server: KeyServerDep, request: Request) -> dict[str, Any]:
+    """A signed grant for a one-time token (spec §7.5, §9); a token redeems once."""
+    ip, presented = client_ip(request), bearer(request)
+    try:
+        server.authenticate_grant_token(presented)  # authentication before the body (spec §7.1)
+        req = parse_body(api.GrantTokenRedeem, request.state.raw_body)
+        return server.redeem_grant_token(
+            presented,
+            x25519_pk=b64decode(req.x25519_public_key),
+            model_id=req.model_id,
+            key_commitment=b64decode(req.key_commitment),
+        )
+    except DomainError as exc:
+        if exc.status == 401:
+            server.note_auth_failure(ip)
+        raise
+
+
+@router.post(
+    "/v1/admin/grant-tokens",
+    status_code=201,
+    dependencies=[Depends(read_json)],
+    openapi_extra=json_body_docs(api.GrantTokenCreate),
+    responses=_ERRORS,
+)
+def create_grant_token(
+    admin: AdminDep, server: KeyServerDep, req: Annotated[api.GrantTokenCreate, Depends(body(api.GrantTokenCreate))]
+) -> dict[str, Any]:
+    """A one-time grant token (spec §7.7), shown once; hand it over in a one-time link's body."""
+    return server.create_grant_token(
+        admin,
+        licence_id=req.licence_id,
+        model_id=req.model_id,
+        key_commitment=b64decode(req.key_commitment) if req.key_commitment else None,
+        device_id=req.device_id,
+        expires_in_s=req.expires_in_s,
+        grant_ttl_s=req.grant_ttl_s,
+    )
+
+
 @router.post(
     "/v1/admin/licences",
     status_code=201,

@@ -1,4 +1,4 @@
-"""The S1 and S2 tables (spec §5.2) as SQLAlchemy Core metadata.
+"""The S1, S2 and S4 tables (spec §5.2) as SQLAlchemy Core metadata.
 
 The database schema is created only by the Alembic migrations in ``migrations/``; a test checks
 that the migrated schema matches this metadata.
@@ -202,4 +202,31 @@ maintenance = Table(
     metadata,
     Column("task", Text, primary_key=True),
     Column("last_run_at", BigInteger, nullable=False),
+)
+
+grant_tokens = Table(
+    "grant_tokens",
+    metadata,
+    Column("id", Text, primary_key=True),
+    _blob("secret_hash", 32),
+    Column("publisher_id", Text, ForeignKey("publishers.id"), nullable=False),
+    Column("licence_id", Text, ForeignKey("licences.id"), nullable=False),
+    Column("model_id", Text, ForeignKey("models.id"), nullable=False),
+    _blob("key_commitment", 32, nullable=True),
+    Column("device_id", Text, ForeignKey("devices.id"), nullable=True),
+    Column("grant_ttl_s", Integer, CheckConstraint("grant_ttl_s BETWEEN 60 AND 2592000"), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("redeemed_at", BigInteger, nullable=True),
+    Column("redeemed_grant_id", Text, nullable=True, unique=True),
+    CheckConstraint("(redeemed_at IS NULL) = (redeemed_grant_id IS NULL)", name="ck_grant_tokens_redeemed"),
+)
+Index("ix_grant_tokens_licence", grant_tokens.c.licence_id)
+
+offline_requests = Table(
+    "offline_requests",
+    metadata,
+    _blob("request_hash", 32, pk=True),
+    Column("device_id", Text, ForeignKey("devices.id"), nullable=True),
+    Column("processed_at", BigInteger, nullable=False),
 )

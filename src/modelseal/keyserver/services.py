@@ -28,6 +28,7 @@ from . import repository as repo
 from .audit import AuditEvent
 from .crypto import (
     ADMIN_PREFIX,
+    GRANT_TOKEN_PREFIX,
     LICENCE_PREFIX,
     KeyEncryptionKey,
     b64url,
@@ -54,6 +55,7 @@ from .errors import (
     InvalidLicence,
     InvalidPublicKey,
     InvalidSignature,
+    InvalidToken,
     KeyNotRegistered,
     KeyRevoked,
     KeyUnavailable,
@@ -66,6 +68,8 @@ from .errors import (
     ReplayedRequest,
     SettingsError,
     StaleRequest,
+    TokenAlreadyRedeemed,
+    TokenExpired,
     UsageLimitReached,
     WrongAudience,
 )
@@ -93,6 +97,7 @@ _GRANT_DENIALS = (
     KeyRevoked,
     UsageLimitReached,
 )
+_TOKEN_DENIALS = (*_GRANT_DENIALS, TokenAlreadyRedeemed, TokenExpired, InvalidPublicKey)
 
 
 class Clock(Protocol):
@@ -887,28 +892,20 @@ class KeyServer:
         recheck_after = min(now + lic.recheck_interval_s, not_after)
         offline_until = min(recheck_after + lic.offline_grace_s, not_after)
         grant_id = self._new_id("grt")
-        fields = {
-            "v": 1,
-            "grant_id": grant_id,
-            "server_key_id": b64encode(self.secrets.signing_kid),
-            "model_id": request.model_id,
-            "licence_id": licence.licence_id,
-            "device_id": device.id,
-            "key_commitment": b64encode(request.key_commitment),
-            "issued_at": now,
-            "recheck_after": recheck_after,
-            "offline_until": offline_until,
-            "not_after": not_after,
-        }
-        content_key = self.kek.unwrap(
-            bytes(key_row.wrapped_key), aad=model_key_aad(request.model_id, request.key_commitment)
+        grant_bytes, signed = self._signed_grant(
+            key_row,
+            {
+                "grant_id": grant_id,
+                "model_id": request.model_id,
+                "licence_id": licence.licence_id,
+                "device_id": device.id,
+                "issued_at": now,
+                "recheck_after": recheck_after,
+                "offline_until": offline_until,
+                "not_after": not_after,
+            },
+            bytes(device.x25519_pk),
         )
-        ephemeral = X25519PrivateKey.from_private_bytes(self.rng.bytes(32))
-        try:
-            grant_bytes = build_grant(fields, content_key, bytes(device.x25519_pk), ephemeral)
-        except ValueError:
-            raise InvalidPublicKey("the device key is not a valid public key") from None
-        signed = sign_grant(self.secrets.signing_key, grant_bytes)
 
         def unit(conn: Connection) -> None:
             row = repo.licence_by_id(conn, licence.licence_id, lock=True)  # lock order: licence → device → usage
@@ -943,6 +940,25 @@ class KeyServer:
         self.db.write(unit)
         return signed
 
+    def _signed_grant(self, key_row: Any, fields: dict[str, Any], x25519_pk: bytes) -> tuple[bytes, dict[str, str]]:
+        """Unwrap the escrowed key and build and sign a grant wrapped to ``x25519_pk`` (spec §8);
+        done outside any write lock."""
+        full = {
+            "v": 1,
+            "server_key_id": b64encode(self.secrets.signing_kid),
+            "key_commitment": b64encode(bytes(key_row.key_commitment)),
+            **fields,
+        }
+        content_key = self.kek.unwrap(
+            bytes(key_row.wrapped_key), aad=model_key_aad(fields["model_id"], bytes(key_row.key_commitment))
+        )
+        ephemeral = X25519PrivateKey.from_private_bytes(self.rng.bytes(32))
+        try:
+            grant_bytes = build_grant(full, content_key, x25519_pk, ephemeral)
+        except ValueError:
+            raise InvalidPublicKey("the device key is not a valid public key") from None
+        return grant_bytes, sign_grant(self.secrets.signing_key, grant_bytes)
+
     def _audit_grant_denial(self, licence: LicenceAuth, request: GrantRequest, exc: DomainError) -> None:
         def unit(conn: Connection) -> None:
             event = AuditEvent(
@@ -959,6 +975,202 @@ class KeyServer:
             self._audit(conn, event)
 
         self.db.write(unit)
+
+    # --- one-time grant tokens (spec §9) -----------------------------------------------------
+
+    def create_grant_token(
+        self,
+        admin: Admin,
+        *,
+        licence_id: str,
+        model_id: str,
+        key_commitment: bytes | None = None,
+        device_id: str | None = None,
+        expires_in_s: int = 86400,
+        grant_ttl_s: int = 3600,
+    ) -> dict[str, Any]:
+        """A one-time grant token (``{"id", "token", "expires_at"}``); the token is shown once.
+
+        Raises:
+            NotFound: the licence, or the bound device, is not this publisher's.
+            ModelNotLicensed: the licence does not cover the model.
+        """
+        id16, secret32 = self.rng.bytes(16), self.rng.bytes(32)
+        token_id, now = make_id("tok", id16), self._now()
+        row = {
+            "id": token_id,
+            "secret_hash": secret_hash(self.secrets.pepper, "grant-token", id16, secret32),
+            "publisher_id": admin.publisher_id,
+            "licence_id": licence_id,
+            "model_id": model_id,
+            "key_commitment": key_commitment,
+            "device_id": device_id,
+            "grant_ttl_s": grant_ttl_s,
+            "created_at": now,
+            "expires_at": now + expires_in_s,
+        }
+
+        def unit(conn: Connection) -> None:
+            lic = repo.licence_by_id(conn, licence_id)
+            if lic is None or lic.publisher_id != admin.publisher_id:
+                raise NotFound("no such licence")
+            if not repo.licence_has_model(conn, licence_id, model_id):
+                raise ModelNotLicensed("the licence does not cover this model")
+            if device_id is not None:
+                dev = repo.device_by_id(conn, device_id)
+                if dev is None or dev.licence_id != licence_id:
+                    raise NotFound("no such device under this licence")
+            repo.insert_grant_token(conn, row)
+            detail = {
+                "expires_at": row["expires_at"],
+                "grant_ttl_s": grant_ttl_s,
+                "device_bound": device_id is not None,
+            }
+            event = AuditEvent(
+                "token.created",
+                admin.token_id,
+                publisher_id=admin.publisher_id,
+                licence_id=licence_id,
+                device_id=device_id,
+                model_id=model_id,
+                detail=detail,
+            )
+            self._audit(conn, event)
+
+        self.db.write(unit)
+        return {
+            "id": token_id,
+            "token": encode_secret(GRANT_TOKEN_PREFIX, id16, secret32),
+            "expires_at": row["expires_at"],
+        }
+
+    def authenticate_grant_token(self, presented: str | None) -> Any:
+        """The token row a ``MSEAL-GRANT-TOKEN:`` string names (redeemed and expired ones too).
+
+        Raises:
+            InvalidToken: malformed, unknown or wrong secret — one answer, the same work.
+        """
+        parsed = decode_secret(GRANT_TOKEN_PREFIX, presented or "")
+        id16, secret32 = (parsed.id16, parsed.secret32) if parsed is not None else (bytes(16), bytes(32))
+        with self.db.read() as conn:
+            row = repo.grant_token_by_id(conn, make_id("tok", id16))
+        computed = secret_hash(self.secrets.pepper, "grant-token", id16, secret32)
+        equal = hmac.compare_digest(computed, bytes(row.secret_hash) if row is not None else _DUMMY_HASH)
+        if parsed is None or row is None or not equal:
+            raise InvalidToken("invalid grant token")
+        return row
+
+    def redeem_grant_token(
+        self, presented: str | None, *, x25519_pk: bytes, model_id: str, key_commitment: bytes
+    ) -> dict[str, str]:
+        """Redeem a one-time token for a grant wrapped to ``x25519_pk`` (spec §9); at most once.
+
+        Raises:
+            InvalidToken: see :meth:`authenticate_grant_token`.
+            TokenAlreadyRedeemed / TokenExpired: the token was used, or is past its expiry.
+            LicenceRevoked / LicenceExpired / ModelNotLicensed / KeyNotRegistered / KeyRevoked /
+            DeviceMismatch / DeviceRevoked / UsageLimitReached: policy denials, audited as ``token.denied``.
+        """
+        token = self.authenticate_grant_token(presented)
+        try:
+            return self._redeem(token, x25519_pk, model_id, key_commitment)
+        except _TOKEN_DENIALS as exc:
+            self._audit_token_denial(token, model_id, key_commitment, exc.code)
+            raise
+
+    def _audit_token_denial(self, token: Any, model_id: str, key_commitment: bytes, code: str) -> None:
+        def unit(conn: Connection) -> None:
+            event = AuditEvent(
+                "token.denied",
+                token.id,
+                "denied",
+                code,
+                publisher_id=token.publisher_id,
+                licence_id=token.licence_id,
+                device_id=token.device_id,
+                model_id=model_id,
+                detail={"key_commitment": b64encode(key_commitment)},
+            )
+            self._audit(conn, event)
+
+        self.db.write(unit)
+
+    def _redeem(self, token: Any, x25519_pk: bytes, model_id: str, key_commitment: bytes) -> dict[str, str]:
+        now = self._now()
+        if token.redeemed_at is not None:
+            raise TokenAlreadyRedeemed("this grant token was redeemed before")
+        if token.expires_at <= now:
+            raise TokenExpired("this grant token has expired")
+        if not is_valid_x25519_public(x25519_pk):
+            raise InvalidPublicKey("not a valid X25519 public key")
+        bound = token.key_commitment is not None and not hmac.compare_digest(
+            bytes(token.key_commitment), key_commitment
+        )
+        if model_id != token.model_id or bound:
+            raise ModelNotLicensed("the token does not cover this model or content key")
+        with self.db.read() as conn:
+            lic = repo.licence_by_id(conn, token.licence_id)
+            licensed = repo.licence_has_model(conn, token.licence_id, model_id)
+            key_row = repo.model_key_by_commitment(conn, key_commitment)
+            device = repo.device_by_id(conn, token.device_id) if token.device_id else None
+        if lic is None or lic.revoked_at is not None:
+            raise LicenceRevoked("the licence is revoked")
+        if lic.expires_at is not None and lic.expires_at <= now:
+            raise LicenceExpired("the licence has expired")
+        if not licensed:
+            raise ModelNotLicensed("the licence does not cover this model")
+        if key_row is None or key_row.model_id != model_id:
+            raise KeyNotRegistered("no content key with this commitment is registered for this model")
+        if key_row.revoked_at is not None:
+            raise KeyRevoked("this content key is revoked")
+        if device is not None:
+            if device.revoked_at is not None:
+                raise DeviceRevoked("the device this token is bound to is revoked")
+            if not hmac.compare_digest(bytes(device.x25519_pk), x25519_pk):
+                raise DeviceMismatch("this token is bound to another device key")
+        device_id = device.id if device is not None else "pk_" + b64url(x25519_pk)
+        until = now + token.grant_ttl_s if lic.expires_at is None else min(now + token.grant_ttl_s, lic.expires_at)
+        grant_id = self._new_id("grt")
+        fields = {
+            "grant_id": grant_id,
+            "model_id": model_id,
+            "licence_id": token.licence_id,
+            "device_id": device_id,
+            "issued_at": now,
+            "recheck_after": until,
+            "offline_until": until,
+            "not_after": until,
+        }
+        grant_bytes, signed = self._signed_grant(key_row, fields, x25519_pk)
+
+        def unit(conn: Connection) -> None:
+            row = repo.licence_by_id(conn, token.licence_id, lock=True)  # lock order: licence → token → usage
+            if row is None or row.revoked_at is not None:
+                raise LicenceRevoked("the licence is revoked")
+            if not repo.redeem_grant_token(conn, token.id, grant_id, now):
+                current = repo.grant_token_by_id(conn, token.id)
+                if current is not None and current.redeemed_at is not None:
+                    raise TokenAlreadyRedeemed("this grant token was redeemed before")
+                raise TokenExpired("this grant token has expired")
+            if row.opens_per_day is not None and not repo.count_grant(
+                conn, token.licence_id, now // 86400, row.opens_per_day
+            ):
+                raise UsageLimitReached("the licence's daily grant limit is reached", retry_after=86400 - now % 86400)
+            detail = {"not_after": until, "sha256": b64encode(hashlib.sha256(grant_bytes).digest())}
+            event = AuditEvent(
+                "token.redeemed",
+                token.id,
+                publisher_id=token.publisher_id,
+                licence_id=token.licence_id,
+                device_id=token.device_id,
+                model_id=model_id,
+                grant_id=grant_id,
+                detail=detail,
+            )
+            self._audit(conn, event)
+
+        self.db.write(unit)  # any failure rolls the redemption back with it
+        return signed
 
     def _verify_request(self, ed25519_pk: bytes, signature: str | None, route: str, raw_body: bytes) -> None:
         """The Ed25519 request signature of spec §6 over the raw body bytes."""
