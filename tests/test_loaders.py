@@ -49,6 +49,28 @@ def test_onnx_external_data_from_memory(tmp_path: Path, identity: Identity) -> N
     assert np.array_equal(session.run(None, {"x": X})[0], _plain(model))
 
 
+def test_onnx_runs_on_the_decrypted_buffers_without_a_copy(tmp_path: Path, identity: Identity) -> None:
+    """The external data's decrypted buffers are the initializers' storage: with prepacking off
+    (so ONNX Runtime keeps reading the original weights), changing the buffer changes the output."""
+    import onnxruntime as ort
+
+    model = mlp_onnx(tmp_path / "src" / "model.onnx", external_data=True)
+    sealed = _seal(tmp_path / "src", tmp_path / "m.mseal", identity)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    session = modelseal.load_onnx(sealed, identity=identity, sess_options=options)
+    assert np.array_equal(session.run(None, {"x": X})[0], _plain(model))
+    [buffer] = session._modelseal_buffers
+    buffer.fill(0)
+    assert not session.run(None, {"x": X})[0].any()  # all weights now zero: the session read our buffer
+
+
+def test_loaders_refuse_key_arguments_with_an_open_container(tmp_path: Path, identity: Identity) -> None:
+    sealed = _seal(mlp_onnx(tmp_path / "model.onnx"), tmp_path / "m.mseal", identity)
+    with modelseal.open(sealed, identity=identity) as opened, pytest.raises(TypeError, match="already open"):
+        modelseal.load_onnx(opened, identity=identity)
+
+
 def test_onnx_missing_external_data_names_the_file(tmp_path: Path, identity: Identity) -> None:
     mlp_onnx(tmp_path / "src" / "model.onnx", external_data=True)
     (tmp_path / "src" / "model.onnx.data").unlink()

@@ -1,16 +1,16 @@
 """Open sealed models straight into their runtimes, with no plaintext byte on disk.
 
 Every loader takes either a container path plus the same key arguments as
-:func:`modelseal.open` (``identity``, ``passphrase``, ``require_signer``) or an
-already open :class:`~modelseal.SealedModel`, and imports its framework only
-when called.
+:func:`modelseal.open` (``identity``, ``passphrase``, ``require_signer``,
+``keyserver``, ``licence``, ``grant_token``) or an already open
+:class:`~modelseal.SealedModel`, and imports its framework only when called.
 
 Where the runtime maps its input (``torch.load(mmap=True)``, safetensors'
 ``safe_open``), the file is decrypted into an anonymous, sealed in-memory file
 (Linux ``memfd``) and the runtime uses those pages in place: no copy, nothing on
-disk. Where the runtime insists on copying (ONNX Runtime copies initializers
-during session creation), the decrypted buffers are overwritten and released as
-soon as the session exists. See docs/loaders.md for what can and cannot be wiped.
+disk. ONNX Runtime uses the decrypted external-data buffers as its initializers'
+storage; the decrypted graph itself (which it parses into its own structures) is
+overwritten as soon as the session exists. See docs/loaders.md for what can and cannot be wiped.
 """
 
 from __future__ import annotations
@@ -23,12 +23,15 @@ import pickle
 import posixpath
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from ._private.memfile import MemFile, memfd_supported
 from .container import SealedModel, open_sealed
 from .errors import ModelLoadError, UnsafeModelError
 from .keys import Unwrapper, VerifyKey
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "SafetensorsFile",
@@ -40,17 +43,25 @@ __all__ = [
 ]
 
 
+class OpenKeys(TypedDict, total=False):
+    """The key arguments of :func:`modelseal.open`, taken by every loader."""
+
+    identity: Unwrapper | Sequence[Unwrapper] | None
+    passphrase: str | bytes | None
+    require_signer: VerifyKey | str | None
+    keyserver: str | None
+    licence: str | None
+    grant_token: str | None
+
+
 @contextlib.contextmanager
-def _container(
-    source: Any,
-    identity: Unwrapper | Sequence[Unwrapper] | None,
-    passphrase: str | bytes | None,
-    require_signer: VerifyKey | str | None,
-) -> Iterator[SealedModel]:
+def _container(source: Any, keys: OpenKeys) -> Iterator[SealedModel]:
     if isinstance(source, SealedModel):
+        if any(v is not None for v in keys.values()):
+            raise TypeError("key arguments are for a container path, not an already open SealedModel")
         yield source
         return
-    with open_sealed(source, identity=identity, passphrase=passphrase, require_signer=require_signer) as model:
+    with open_sealed(source, **keys) as model:
         yield model
 
 
@@ -105,29 +116,32 @@ def _first_line(exc: BaseException) -> str:
 # --- ONNX Runtime -----------------------------------------------------------------------
 
 # Files beside a graph that are never ONNX external data (configs, tokenizers, docs).
+_ORT_USE_BUFFERS_DIRECTLY = "session.use_external_initializer_file_buffers_directly"
 _NOT_EXTERNAL_DATA = (".onnx", ".json", ".txt", ".md", ".model", ".py")
 
 
 def load_onnx(
     source: Any,
     *,
-    identity: Unwrapper | Sequence[Unwrapper] | None = None,
-    passphrase: str | bytes | None = None,
-    require_signer: VerifyKey | str | None = None,
     entry: str | None = None,
     sess_options: Any = None,
     providers: Sequence[Any] | None = None,
     provider_options: Sequence[dict[Any, Any]] | None = None,
+    **keys: Unpack[OpenKeys],
 ) -> Any:
     """Create an ``onnxruntime.InferenceSession`` from a sealed ONNX model, in memory.
 
     Models with external data (the >2 GiB case) are supported: every external
     data file the graph references must be in the container, in the graph's
-    folder. ONNX Runtime receives the folder's other files from memory (configs,
-    tokenizers and docs excepted) and copies what the graph references.
+    folder. The folder's other files (configs, tokenizers and docs excepted) are
+    decrypted into memory that ONNX Runtime uses as the initializers' storage,
+    without a copy; the session keeps that memory alive. ``sess_options`` then
+    holds references to it: do not reuse those options for another session.
 
     Args:
         source: Container path or an open :class:`~modelseal.SealedModel`.
+        keys: The key arguments of :func:`modelseal.open` (``identity``, ``passphrase``,
+            ``require_signer``, ``keyserver``, ``licence``, ``grant_token``); every loader takes them.
         entry: The ``.onnx`` file, if the container holds more than one.
         sess_options: ``onnxruntime.SessionOptions`` (external data is added to it).
         providers, provider_options: Passed to ``InferenceSession``.
@@ -139,7 +153,7 @@ def load_onnx(
     import numpy as np
     import onnxruntime as ort
 
-    with _container(source, identity, passphrase, require_signer) as model:
+    with _container(source, keys) as model:
         path = _pick(model, entry, (".onnx",), "ONNX model")
         base = posixpath.dirname(path)
         graph = model.read(path)
@@ -158,13 +172,19 @@ def load_onnx(
                 buffers.append(buf)
                 sizes.append(buf.nbytes)
             if names:
+                # ONNX Runtime uses these buffers as the initializers' storage instead of copying
+                # them (ORT >= 1.22); the session keeps them alive. Prepacked weights still get
+                # ORT's own packed copy, as when loading from a path.
                 options.add_external_initializers_from_files_in_memory(names, buffers, sizes)
+                options.add_session_config_entry(_ORT_USE_BUFFERS_DIRECTLY, "1")
             model_bytes = bytes(graph)
             try:
-                return ort.InferenceSession(
+                session = ort.InferenceSession(
                     model_bytes, options, providers=providers, provider_options=provider_options
                 )
             except Exception as exc:  # ORT raises pybind11 exception types without a common base
+                for buf in buffers:
+                    buf.fill(0)
                 message = _first_line(exc)
                 if "external data" in message.lower():
                     message = f"external data missing or invalid: {message}"
@@ -172,10 +192,10 @@ def load_onnx(
             finally:
                 _wipe_bytes(model_bytes)
                 del model_bytes
+            session._modelseal_buffers = buffers  # the initializers live here: as long as the session
+            return session
         finally:
             graph[:] = bytes(len(graph))
-            for buf in buffers:  # ONNX Runtime copied what it needs during session creation
-                buf.fill(0)
 
 
 # --- PyTorch ----------------------------------------------------------------------------
@@ -184,11 +204,9 @@ def load_onnx(
 def load_torch(
     source: Any,
     *,
-    identity: Unwrapper | Sequence[Unwrapper] | None = None,
-    passphrase: str | bytes | None = None,
-    require_signer: VerifyKey | str | None = None,
     entry: str | None = None,
     map_location: Any = "cpu",
+    **keys: Unpack[OpenKeys],
 ) -> Any:
     """Load a sealed PyTorch checkpoint (a state dict) with ``torch.load(weights_only=True)``.
 
@@ -202,7 +220,7 @@ def load_torch(
     """
     import torch
 
-    with _container(source, identity, passphrase, require_signer) as model:
+    with _container(source, keys) as model:
         path = _pick(model, entry, (".pt", ".pth", ".bin", ".ckpt"), "PyTorch checkpoint")
         try:
             if memfd_supported():
@@ -277,15 +295,13 @@ class SafetensorsFile:
 def open_safetensors(
     source: Any,
     *,
-    identity: Unwrapper | Sequence[Unwrapper] | None = None,
-    passphrase: str | bytes | None = None,
-    require_signer: VerifyKey | str | None = None,
     entry: str | None = None,
     framework: str = "pt",
     device: str = "cpu",
+    **keys: Unpack[OpenKeys],
 ) -> SafetensorsFile:
     """Open one sealed safetensors file for lazy per-tensor access (``framework``: ``pt`` or ``np``)."""
-    with _container(source, identity, passphrase, require_signer) as model:
+    with _container(source, keys) as model:
         path = _pick(model, entry, (".safetensors",), "safetensors file")
         return SafetensorsFile(_fill(model, path), path, framework, device)
 
@@ -293,19 +309,17 @@ def open_safetensors(
 def load_safetensors(
     source: Any,
     *,
-    identity: Unwrapper | Sequence[Unwrapper] | None = None,
-    passphrase: str | bytes | None = None,
-    require_signer: VerifyKey | str | None = None,
     entry: str | None = None,
     framework: str = "pt",
     device: str = "cpu",
+    **keys: Unpack[OpenKeys],
 ) -> dict[str, Any]:
     """Load every tensor of a sealed safetensors file, or of all shards in a sealed folder.
 
     With ``entry=None`` and several ``.safetensors`` files (a sharded checkpoint),
     the tensors of all of them are returned in one dict.
     """
-    with _container(source, identity, passphrase, require_signer) as model:
+    with _container(source, keys) as model:
         entries = [entry] if entry else [f for f in model.files if f.lower().endswith(".safetensors")]
         if not entries:
             raise ModelLoadError("<container>", "no .safetensors file in the container")
@@ -357,11 +371,9 @@ def _tokenizer(model: SealedModel, base: str) -> Any:
 def load_transformers(
     source: Any,
     *,
-    identity: Unwrapper | Sequence[Unwrapper] | None = None,
-    passphrase: str | bytes | None = None,
-    require_signer: VerifyKey | str | None = None,
     model_class: Any = None,
     subfolder: str = "",
+    **keys: Unpack[OpenKeys],
 ) -> tuple[Any, Any]:
     """Open a sealed Hugging Face model folder into a ``transformers`` model and tokenizer.
 
@@ -380,7 +392,7 @@ def load_transformers(
     import transformers
     from transformers.initialization import no_init_weights
 
-    with _container(source, identity, passphrase, require_signer) as model:
+    with _container(source, keys) as model:
         base = subfolder.strip("/")
         config_path = posixpath.join(base, "config.json") if base else "config.json"
         if config_path not in model.files:

@@ -80,6 +80,9 @@ def test_seal_activate_run_revoke(live: tuple[str, str], tmp_path: Path, monkeyp
         mp.setenv("MODELSEAL_HOME", str(other_home))
         with modelseal.open(sealed, keyserver=base, licence=licence) as m:
             assert m.read() == plain.read_bytes()
+        # and every loader takes the same keywords
+        session2 = modelseal.load_onnx(sealed, keyserver=base, licence=licence, providers=["CPUExecutionProvider"])
+        assert np.array_equal(session2.run(None, {"x": X})[0], expected)
     assert (other_home / "device.key").exists()
 
     # the CLI opens with the activated device state
