@@ -125,7 +125,7 @@ def _info(source: Source, header: fmt.Header, verified: VerifyKey | None = None)
         elif s["type"] == "scrypt":
             r["work_factor"] = f"2^{s['log_n']}"
         elif s["type"] == "keyserver":  # keyserver spec §4
-            r.update({k: str(s.get(k)) for k in ("url", "model_id", "server_key_id")})
+            r.update({k: str(s.get(k)) for k in ("url", "model_id", "key_commitment", "server_key_id")})
         recipients.append(r)
     return ContainerInfo(
         paths=tuple(source.paths),

@@ -26,10 +26,13 @@ from .keyserver.client import (
     DeviceKey,
     KeyServerUnreachable,
     LicenceError,
+    accept_offline,
     activate,
     activation_body,
     fingerprint,
+    offline_request,
     state_dir,
+    submit_offline,
 )
 
 __all__ = [
@@ -95,6 +98,9 @@ def _admin_client(server: str | None, token: str | None, token_file: Path | None
     return Client(_server(server), token)
 
 
+LicenceOpt = Annotated[str | None, typer.Option("--licence", help="Licence key (or $MODELSEAL_LICENCE).")]
+
+
 def _print(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True))
 
@@ -121,6 +127,10 @@ def register(app: typer.Typer, translate: Any) -> None:
     )
     app.add_typer(licence_app, name="licence")
     app.add_typer(device_app, name="device")
+    offline_app = typer.Typer(
+        help="Air-gapped activation and renewal through request and response files.", no_args_is_help=True
+    )
+    app.add_typer(offline_app, name="offline")
     token_app = typer.Typer(
         help="One-time grant tokens (publishers): a token opens one model once.", no_args_is_help=True
     )
@@ -253,3 +263,62 @@ def register(app: typer.Typer, translate: Any) -> None:
             _, result = client.request("POST", "/v1/admin/grant-tokens", json=body)
             print(f"grant token {result['id']}, redeemable until {result['expires_at']} (shown once):", file=sys.stderr)
             print(result["token"])
+
+    def _licence(value: str | None) -> str:
+        key = value or os.environ.get("MODELSEAL_LICENCE")
+        if not key:
+            raise ValueError("give the licence key with --licence or $MODELSEAL_LICENCE")
+        return key
+
+    def _read(path: Path) -> Any:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            raise ValueError(f"{path} is not a JSON file") from None
+
+    def _write(path: Path, data: Any) -> None:
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    @offline_app.command("server-info")
+    def offline_server_info(
+        output: Annotated[Path, typer.Option("--output", "-o", help="Write the server-info file here.")],
+        server: ServerOpt = None,
+        licence: LicenceOpt = None,
+    ) -> None:
+        """Connected machine: save the server's public keys for an air-gapped device."""
+        with translate(), Client(_server(server), _licence(licence)) as client:
+            _, info = client.request("GET", "/v1/server-info")
+            _write(output, info | {"public_url": info.get("public_url") or _server(server)})
+
+    @offline_app.command("request")
+    def offline_request_cmd(
+        server_info: Annotated[Path, typer.Option("--server-info", help="File from `offline server-info`.")],
+        output: Annotated[Path, typer.Option("--output", "-o", help="Write the request file here.")],
+        containers: Annotated[
+            list[Path] | None, typer.Option("--for", help="A container to get a grant for (repeatable).")
+        ] = None,
+        licence: LicenceOpt = None,
+        label: Annotated[str | None, typer.Option("--label", help="A name for this device.")] = None,
+    ) -> None:
+        """Air-gapped device: write an activation/renewal request file (holds no secret)."""
+        with translate():
+            request = offline_request(_read(server_info), _licence(licence), list(containers or []), label=label)
+            _write(output, request)
+            print(f"wrote {output}; submit it from a connected machine", file=sys.stderr)
+
+    @offline_app.command("submit")
+    def offline_submit(
+        request: Annotated[Path, typer.Argument(help="The device's request file.")],
+        output: Annotated[Path, typer.Option("--output", "-o", help="Write the response file here.")],
+        server: ServerOpt = None,
+        licence: LicenceOpt = None,
+    ) -> None:
+        """Connected machine: submit a request file and save the signed response file."""
+        with translate():
+            _write(output, submit_offline(_server(server), _licence(licence), _read(request)))
+
+    @offline_app.command("accept")
+    def offline_accept(response: Annotated[Path, typer.Argument(help="The response file.")]) -> None:
+        """Air-gapped device: verify the response, store the activation and cache its grants."""
+        with translate():
+            _print(accept_offline(_read(response)))

@@ -35,7 +35,7 @@ def _ks(settings: Settings, *args: str) -> tuple[int, str, str]:
 
 def test_migrate_admin_and_verify(settings: Settings) -> None:
     code, _, err = _ks(settings, "migrate")
-    assert code == 0 and "0002" in err
+    assert code == 0 and "0003" in err
     assert (settings.data_dir / "admin-token").exists()
     code, out, _ = _ks(settings, "admin", "create-publisher", "acme")
     assert code == 0 and out.strip().startswith("pub_")

@@ -88,7 +88,8 @@ def test_every_route_authenticates(client: TestClient) -> None:
     client.headers.pop("Authorization")
     for method, path in routes:
         # Licence routes answer invalid-licence; every other route invalid-credential.
-        code = "invalid-licence" if path in ("/v1/activations", "/v1/grants") else "invalid-credential"
+        licence_routes = ("/v1/activations", "/v1/grants", "/v1/offline/requests")
+        code = "invalid-licence" if path in licence_routes else "invalid-credential"
         code = "invalid-token" if path == "/v1/grant-tokens/redeem" else code
         for headers in ({}, {"Authorization": "Bearer MSEAL-LICENCE:" + "A" * 70}):
             r = client.request(method, path, headers=headers, json={})

@@ -39,11 +39,14 @@ from ..keys import (
 )
 from . import offline
 from .crypto import LICENCE_PREFIX, b64url, decode_secret, escrow_wrap, make_id
+from .errors import DomainError
 from .grant import GrantInvalid, check_binding, unwrap_grant, verify_signed
 from .offline import CLOCK_TOLERANCE_S, State, write_atomic
+from .offline_files import make_request, parse_offline_response
 
 GRANT_ROUTE = "/v1/grants"
 REDEEM_ROUTE = "/v1/grant-tokens/redeem"
+OFFLINE_ROUTE = "/v1/offline/requests"
 ACTIVATION_ROUTE = "/v1/activations"
 TIMEOUT_S = 10.0
 # Authenticated denials (spec §10.3): cached grants are forgotten, of the whole licence for the first set.
@@ -231,16 +234,148 @@ def activate(
             "Modelseal-Signature": device.sign_request(ACTIVATION_ROUTE, body),
         }
         status, result = client.request("POST", ACTIVATION_ROUTE, content=body, headers=headers)
+    with _locked(home):
+        _save_activation(home, server, licence, result, info["signing_keys"])
+    return result, status == 201
+
+
+def _save_activation(
+    home: Path, server: str, licence: str, result: dict[str, Any], signing_keys: list[dict[str, Any]]
+) -> None:
+    """Write the activation record and the licence key (0600; call under :func:`_locked`)."""
     record = home / "activations" / f"{result['licence_id']}.json"
     record.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     saved = {k: result[k] for k in ("device_id", "licence_id", "activated_at", "policy")} | {
         "server": server.rstrip("/"),
-        "signing_keys": [{"kid": k["kid"], "public_key": k["public_key"]} for k in info["signing_keys"]],
+        "signing_keys": [{"kid": k["kid"], "public_key": k["public_key"]} for k in signing_keys],
+    }
+    write_atomic(record.with_suffix(".key"), licence.strip() + "\n")
+    write_atomic(record, json.dumps(saved, indent=2, sort_keys=True) + "\n")
+
+
+# --- air-gapped activation and renewal (spec §11) ----------------------------------------------
+
+_PENDING = "offline-pending.json"
+
+
+def offline_request(
+    server_info: dict[str, Any],
+    licence: str,
+    containers: list[Path],
+    *,
+    server: str | None = None,
+    label: str | None = None,
+    home: Path | None = None,
+) -> dict[str, Any]:
+    """A request file asking for activation (or renewal) and grants for ``containers``' models.
+
+    Written on the air-gapped device from a server-info file (``GET /v1/server-info`` saved on
+    a connected machine); holds no licence secret. The request is remembered in the state
+    directory until its response is accepted.
+    """
+    home = home or state_dir()
+    lic_id = licence_id_of(licence)
+    if lic_id is None:
+        raise LicenceError("invalid-licence", "not a licence key")
+    try:
+        keys = {b64decode(k["kid"], length=8): k for k in server_info["signing_keys"]}
+        [aud] = [kid for kid, k in keys.items() if k["current"]]
+    except (KeyError, TypeError, ValueError, FormatError):
+        raise ValueError("not a key server's server-info file") from None
+    models: list[dict[str, str]] = []
+    from ..container import inspect
+
+    for path in containers:
+        for stanza in inspect(path).recipients:
+            checked = _check_stanza(dict(stanza)) if stanza.get("type") == "keyserver" else None
+            if checked and checked[2] in keys:
+                models.append({"model_id": checked[0], "key_commitment": b64encode(checked[1])})
+    if containers and not models:
+        raise LicenceError("server-key-mismatch", "no container names this key server")
+    device, _ = DeviceKey.load_or_create(home / "device.key")
+    existing = [r.device_id for r in activations(home) if r.licence_id == lic_id]
+    fields = {
+        "aud": b64encode(aud),
+        "ts": next_ts(home),
+        "licence_id": lic_id,
+        "device_id": existing[0] if existing else None,
+        "x25519_public_key": b64encode(device.x25519_public),
+        "ed25519_public_key": b64encode(device.ed25519_public),
+        "fingerprint": b64encode(fingerprint(home)),
+        "label": label,
+        "models": models,
+    }
+    request_file = make_request(fields, device.signing._key)
+    raw = b64decode(request_file["request"])
+    pending = {
+        "request_sha256": b64encode(hashlib.sha256(raw).digest()),
+        "server": (server or server_info.get("public_url") or "").rstrip("/"),
+        "signing_keys": server_info["signing_keys"],
+        "licence_id": lic_id,
     }
     with _locked(home):
-        write_atomic(record.with_suffix(".key"), licence.strip() + "\n")
-        write_atomic(record, json.dumps(saved, indent=2, sort_keys=True) + "\n")
-    return result, status == 201
+        write_atomic(home / _PENDING, json.dumps(pending, sort_keys=True) + "\n")
+        write_atomic(home / "activations" / f"{lic_id}.pending-key", licence.strip() + "\n")
+    return request_file
+
+
+def submit_offline(server: str, licence: str, request_file: Any) -> Any:
+    """On a connected machine: hand a device's request file to the server; its response file."""
+    with Client(server, licence) as client:
+        return client.request("POST", OFFLINE_ROUTE, json=request_file)[1]
+
+
+def accept_offline(response_file: Any, *, home: Path | None = None) -> dict[str, Any]:
+    """On the air-gapped device: verify a response file against the pending request, store the
+    activation and cache its grants for offline use (spec §10.4). ``{"device_id", "licence_id",
+    "grants", "denied"}``."""
+    home = home or state_dir()
+    try:
+        pending = json.loads((home / _PENDING).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise LicenceError("no-pending-request", "this device has no pending offline request") from None
+    keys = {b64decode(k["kid"], length=8): b64decode(k["public_key"], length=32) for k in pending["signing_keys"]}
+    try:
+        resp = parse_offline_response(response_file, keys)
+    except DomainError as exc:
+        raise LicenceError(exc.code, str(exc)) from None
+    if resp.get("request_sha256") != pending["request_sha256"] or resp.get("licence_id") != pending["licence_id"]:
+        raise LicenceError("offline-mismatch", "the response answers another request")
+    device = DeviceKey.load(home / "device.key")
+    secret = device.identity._key
+    checked = []
+    for signed in resp["grants"]:
+        try:
+            _, grant = verify_signed(signed, keys)
+            kc = b64decode(grant["key_commitment"], length=32)
+            check_binding(
+                grant,
+                model_id=grant["model_id"],
+                key_commitment=kc,
+                licence_id=resp["licence_id"],
+                device_id=resp["device_id"],
+            )
+            unwrap_grant(grant, secret)  # a grant this device cannot open is refused now, not later
+        except (GrantInvalid, FormatError) as exc:
+            raise LicenceError("grant-invalid", str(exc)) from None
+        checked.append((grant["model_id"], kc, signed))
+    licence = (home / "activations" / f"{pending['licence_id']}.pending-key").read_text(encoding="ascii")
+    result = {
+        "device_id": resp["device_id"],
+        "licence_id": resp["licence_id"],
+        "activated_at": resp["issued_at"],
+        "policy": resp["policy"],
+    }
+    with _locked(home):
+        _save_activation(home, pending["server"], licence, result, pending["signing_keys"])
+        state = State(home, secret.private_bytes_raw(), device.x25519_public)
+        for model_id, kc, signed in checked:
+            state.save_grant(resp["licence_id"], model_id, kc, signed)
+        clock, _ = state.clock()
+        state.note_use(clock, server_time=resp["issued_at"])
+        (home / _PENDING).unlink()
+        (home / "activations" / f"{pending['licence_id']}.pending-key").unlink()
+    return {**result, "grants": len(checked), "denied": resp["denied"]}
 
 
 # --- state directory (spec §10.1) ---------------------------------------------------------------

@@ -78,6 +78,14 @@ class TokenAlreadyRedeemed(DomainError):
     status, code = 409, "token-already-redeemed"
 
 
+class RequestExpired(DomainError):
+    status, code = 403, "request-expired"
+
+
+class RequestAlreadyUsed(DomainError):
+    status, code = 409, "request-already-used"
+
+
 class LicenceRevoked(DomainError):
     status, code = 403, "licence-revoked"
 

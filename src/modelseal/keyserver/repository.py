@@ -538,3 +538,11 @@ def redeem_grant_token(conn: Connection, token_id: str, grant_id: str, now: int)
         .values(redeemed_at=now, redeemed_grant_id=grant_id)
     )
     return result.rowcount == 1
+
+
+def claim_offline_request(conn: Connection, request_hash: bytes, now: int) -> bool:
+    """Record an offline request by its hash; false if it was processed before (spec §5.3)."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    stmt = dialect.insert(t.offline_requests).values(request_hash=request_hash, processed_at=now)
+    stmt = stmt.on_conflict_do_nothing(index_elements=["request_hash"]).returning(t.offline_requests.c.request_hash)
+    return conn.execute(stmt).first() is not None  # (psycopg reports no rowcount for DO NOTHING)

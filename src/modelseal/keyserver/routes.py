@@ -6,7 +6,8 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
-from .._private.encoding import b64decode, b64encode
+from .._private.encoding import b64decode, b64encode, loads_strict
+from ..errors import FormatError
 from . import api_models as api
 from .crypto import b64url_decode, is_id
 from .deps import (
@@ -20,7 +21,7 @@ from .deps import (
     read_json,
     require_admin_or_licence,
 )
-from .errors import DomainError, NotFound
+from .errors import DomainError, MalformedRequest, NotFound
 from .services import ActivationRequest, GrantRequest, Model, Policy
 
 router = APIRouter()
@@ -297,6 +298,32 @@ def create_grant_token(
         expires_in_s=req.expires_in_s,
         grant_ttl_s=req.grant_ttl_s,
     )
+
+
+@router.post(
+    "/v1/offline/requests",
+    dependencies=[Depends(read_json)],
+    responses={
+        **_GRANT_ERRORS,
+        401: {"description": "invalid-licence, invalid-signature, wrong-audience"},
+        403: {"description": "request-expired and the activation denials"},
+        409: {"description": "request-already-used"},
+    },
+)
+def offline_request(server: KeyServerDep, request: Request) -> dict[str, Any]:
+    """Answer an air-gapped device's request file with a signed response file (spec §7.9, §11)."""
+    ip = client_ip(request)
+    try:
+        licence = server.authenticate_licence(bearer(request))
+        try:
+            request_file = loads_strict(request.state.raw_body, section="request body")
+        except FormatError as exc:
+            raise MalformedRequest(exc.detail, fields=["$"]) from None
+        return server.process_offline(licence, request_file)
+    except DomainError as exc:
+        if exc.status == 401:
+            server.note_auth_failure(ip)
+        raise
 
 
 @router.post(

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import Connection
 
-from .._private.encoding import b64decode, b64encode
+from .._private.encoding import b64decode, b64encode, dumps_canonical
 from ..errors import FormatError
 from . import audit
 from . import repository as repo
@@ -66,6 +66,8 @@ from .errors import (
     NotFound,
     RateLimited,
     ReplayedRequest,
+    RequestAlreadyUsed,
+    RequestExpired,
     SettingsError,
     StaleRequest,
     TokenAlreadyRedeemed,
@@ -74,6 +76,7 @@ from .errors import (
     WrongAudience,
 )
 from .grant import build_grant, sign_grant
+from .offline_files import offline_message, parse_offline_request
 
 _DUMMY_HASH = bytes(32)
 ACTIVATION_ROUTE = "/v1/activations"
@@ -744,6 +747,10 @@ class KeyServer:
             raise WrongAudience("the request is addressed to another server key")
         if abs(request.ts - self._now_us()) > self.clock_skew_s * 1_000_000:
             raise StaleRequest("the request timestamp is outside the allowed clock skew")
+        return self._activate_checked(licence, request)
+
+    def _activate_checked(self, licence: LicenceAuth, request: ActivationRequest) -> Activation:
+        """Activation once the request is known to be the device's, for this server, now."""
         fp_hash = fingerprint_hash(self.secrets.pepper, request.fingerprint)
         device_id = self._new_id("dev")
 
@@ -865,7 +872,9 @@ class KeyServer:
             self._audit_grant_denial(licence, request, exc)
             raise
 
-    def _grant(self, licence: LicenceAuth, request: GrantRequest, device: Any) -> dict[str, str]:
+    def _grant(
+        self, licence: LicenceAuth, request: GrantRequest, device: Any, *, consume_ts: bool = True
+    ) -> dict[str, str]:
         now = self._now()
         with self.db.read() as conn:
             lic = repo.licence_by_id(conn, licence.licence_id)
@@ -911,11 +920,15 @@ class KeyServer:
             row = repo.licence_by_id(conn, licence.licence_id, lock=True)  # lock order: licence → device → usage
             if row is None or row.revoked_at is not None:
                 raise LicenceRevoked("the licence is revoked")
-            if not repo.use_device_request(conn, device.id, request.ts, now):
+            if consume_ts and not repo.use_device_request(conn, device.id, request.ts, now):
                 current = repo.device_by_id(conn, device.id)
                 if current is None or current.revoked_at is not None:
                     raise DeviceRevoked("this device is revoked")
                 raise ReplayedRequest("the request timestamp was used before")
+            if not consume_ts:  # an offline request, used once by its hash (spec §11)
+                current = repo.device_by_id(conn, device.id)
+                if current is None or current.revoked_at is not None:
+                    raise DeviceRevoked("this device is revoked")
             if row.opens_per_day is not None and not repo.count_grant(
                 conn, licence.licence_id, now // 86400, row.opens_per_day
             ):
@@ -1171,6 +1184,90 @@ class KeyServer:
 
         self.db.write(unit)  # any failure rolls the redemption back with it
         return signed
+
+    # --- air-gapped activation and renewal (spec §11) -----------------------------------------
+
+    def process_offline(self, licence: LicenceAuth, request_file: Any) -> dict[str, Any]:
+        """Answer an air-gapped device's request file: activate it (or renew), and grant each
+        listed model; a signed response file. A request file is processed once.
+
+        Raises:
+            MalformedRequest: not a request file. InvalidSignature: not signed by the key it names.
+            WrongAudience / RequestExpired: for another server key, or too old / in the future.
+            RequestAlreadyUsed: processed before. Activation denials as :meth:`activate`.
+        """
+        raw, req = parse_offline_request(request_file)
+        now_us = self._now_us()
+        if not hmac.compare_digest(b64decode(req["aud"], length=8), self.secrets.signing_kid):
+            raise WrongAudience("the request is addressed to another server key")
+        if (
+            not now_us - self.offline_request_max_age_s * 1_000_000
+            <= req["ts"]
+            <= now_us + self.clock_skew_s * 1_000_000
+        ):
+            raise RequestExpired("the request file is too old, or from the future")
+        if req["licence_id"] != licence.licence_id:
+            raise InvalidSignature("the request is for another licence")
+        request_hash = hashlib.sha256(raw).digest()
+
+        def claim(conn: Connection) -> None:
+            if not repo.claim_offline_request(conn, request_hash, self._now()):
+                raise RequestAlreadyUsed("this request file was processed before")
+
+        self.db.write(claim)
+        x_pk, ed_pk = b64decode(req["x25519_public_key"], length=32), b64decode(req["ed25519_public_key"], length=32)
+        fp = b64decode(req["fingerprint"], length=32)
+        activation = self._activate_checked(
+            licence,
+            ActivationRequest(self.secrets.signing_kid, req["ts"], x_pk, ed_pk, fp, req["label"], b"", None),
+        )
+        with self.db.read() as conn:
+            device = repo.device_by_id(conn, activation.device_id)
+        if device is None:  # cannot happen: devices are never deleted
+            raise DeviceRevoked("this device is gone")
+        grants, denied = [], []
+        for item in req["models"]:
+            kc = b64decode(item["key_commitment"], length=32)
+            grant_req = GrantRequest(
+                self.secrets.signing_kid, req["ts"], device.id, item["model_id"], kc, fp, b"", None
+            )
+            try:
+                grants.append(self._grant(licence, grant_req, device, consume_ts=False))
+            except _GRANT_DENIALS as exc:
+                self._audit_grant_denial(licence, grant_req, exc)
+                denied.append({"model_id": item["model_id"], "code": exc.code})
+
+        def record(conn: Connection) -> None:
+            detail = {"request_sha256": b64encode(request_hash), "grants": len(grants), "denied": len(denied)}
+            event = AuditEvent(
+                "offline.processed",
+                device.id,
+                publisher_id=licence.publisher_id,
+                licence_id=licence.licence_id,
+                device_id=device.id,
+                detail=detail,
+            )
+            self._audit(conn, event)
+
+        self.db.write(record)
+        response = {
+            "request_sha256": b64encode(request_hash),
+            "server_key_id": b64encode(self.secrets.signing_kid),
+            "device_id": device.id,
+            "licence_id": licence.licence_id,
+            "policy": activation.policy,
+            "issued_at": self._now(),
+            "grants": grants,
+            "denied": denied,
+        }
+        body = dumps_canonical(response)
+        signature = self.secrets.signing_key.sign(offline_message("response", body))
+        return {
+            "type": "modelseal-offline-response",
+            "v": 1,
+            "response": b64encode(body),
+            "signature": b64encode(signature),
+        }
 
     def _verify_request(self, ed25519_pk: bytes, signature: str | None, route: str, raw_body: bytes) -> None:
         """The Ed25519 request signature of spec §6 over the raw body bytes."""
