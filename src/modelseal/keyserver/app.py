@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -51,7 +52,18 @@ def create_app(settings: Settings | None = None, *, keyserver: KeyServer | None 
 
         keyserver = open_keyserver(settings)
     docs = settings.docs
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Few threads run the synchronous services: with many, threads holding the database's
+        # write lock wait for the GIL behind threads doing crypto, and every writer queues longer.
+        import anyio.to_thread
+
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threads
+        yield
+
     app = FastAPI(
+        lifespan=lifespan,
         title="modelseal key server",
         version="1",
         docs_url="/docs" if docs else None,
@@ -61,14 +73,7 @@ def create_app(settings: Settings | None = None, *, keyserver: KeyServer | None 
     app.state.keyserver = keyserver
     app.state.settings = settings
 
-    @app.middleware("http")
-    async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        _request_id(request)
-        response = await call_next(request)
-        response.headers["Modelseal-Request-Id"] = _request_id(request)
-        if settings.dev:
-            response.headers["Modelseal-Dev-Mode"] = "1"
-        return response
+    app.add_middleware(_RequestContext, dev=settings.dev)
 
     @app.exception_handler(DomainError)
     async def domain_error(request: Request, exc: DomainError) -> JSONResponse:
@@ -107,6 +112,30 @@ def create_app(settings: Settings | None = None, *, keyserver: KeyServer | None 
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+class _RequestContext:
+    """Pure ASGI middleware: a request id for every request (echoed as ``Modelseal-Request-Id``)
+    and the dev-mode marker header. (Not ``@app.middleware``: that wraps every request in extra
+    tasks and streams, a large share of a small request's cost.)"""
+
+    def __init__(self, app: Any, *, dev: bool) -> None:
+        self.app, self.dev = app, dev
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = os.urandom(8).hex()
+        scope.setdefault("state", {})["request_id"] = rid
+        extra = [(b"modelseal-request-id", rid.encode())] + ([(b"modelseal-dev-mode", b"1")] if self.dev else [])
+
+        async def send_with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def _malformed(fields: list[str]) -> DomainError:

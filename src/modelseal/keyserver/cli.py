@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -88,7 +88,7 @@ def serve(
         server = open_keyserver(settings, migrate=not no_migrate)
         if settings.workers == 1:
             app_ = create_app(settings, keyserver=server)
-            uvicorn.run(app_, host=settings.host, port=settings.port, log_level="info")
+            uvicorn.run(app_, host=settings.host, port=settings.port, **_uvicorn_options(settings))
             return
         server.db.dispose()
         # Workers rebuild the settings from the environment: pass the command-line overrides on.
@@ -103,8 +103,22 @@ def serve(
             host=settings.host,
             port=settings.port,
             workers=settings.workers,
-            log_level="info",
+            **_uvicorn_options(settings),
         )
+
+
+def _uvicorn_options(settings: Any) -> dict[str, Any]:
+    """uvloop and httptools when installed (``modelseal[keyserver]`` installs them), and the
+    per-request access log only when asked for (every decision is in the audit log anyway)."""
+    import importlib.util
+
+    fast = all(importlib.util.find_spec(m) for m in ("uvloop", "httptools"))
+    return {
+        "log_level": "info",
+        "access_log": settings.access_log,
+        "loop": "uvloop" if fast else "auto",
+        "http": "httptools" if fast else "auto",
+    }
 
 
 def _read_env_file(path: Path) -> dict[str, str]:

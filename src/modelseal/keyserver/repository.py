@@ -7,14 +7,16 @@ contention after retries → :class:`Busy`); nothing above this module sees SQLA
 from __future__ import annotations
 
 import fcntl
+import os
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Connection, Engine, Row, and_, create_engine, event, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, Row, and_, bindparam, create_engine, event, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -50,6 +52,9 @@ class Database:
         parsed = make_url(url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         self._lock_path: Path | None = None
+        self._thread_lock = threading.Lock()
+        self._lock_fd: int | None = None
+        self._lock_pid = 0
         if self.is_sqlite:
             if not parsed.database or parsed.database == ":memory:":
                 raise ValueError("the key server needs a SQLite file, not an in-memory database")
@@ -85,6 +90,9 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._lock_fd is not None and self._lock_pid == os.getpid():
+            os.close(self._lock_fd)
+        self._lock_fd = None
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -102,16 +110,21 @@ class Database:
             with self.engine.connect() as conn, conn.begin():
                 yield conn
             return
-        # Writers on one host queue on a kernel lock instead of SQLite's sleeping busy handler.
-        with self._lock_path.open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        # Writers on one host queue on a kernel lock instead of SQLite's sleeping busy handler:
+        # threads of this process first on a thread lock (an flock is per open file, so threads
+        # sharing the descriptor would not exclude each other), then processes on the flock.
+        with self._thread_lock:
+            if self._lock_fd is None or self._lock_pid != os.getpid():
+                self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                self._lock_pid = os.getpid()
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             try:
                 with self.engine.connect() as conn:
                     conn.execution_options(sqlite_begin="IMMEDIATE")
                     with conn.begin():
                         yield conn
             finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def write(self, unit: Callable[[Connection], T]) -> T:
         """Run ``unit`` in one write transaction, retrying lock contention (spec §5.3).
@@ -257,8 +270,11 @@ def list_models(conn: Connection, publisher_id: str, after: str | None, limit: i
     return conn.execute(stmt.order_by(m.c.id).limit(limit)).all()
 
 
+_MODEL_KEY = select(t.model_keys).where(t.model_keys.c.key_commitment == bindparam("kc_"))
+
+
 def model_key_by_commitment(conn: Connection, key_commitment: bytes) -> DbRow | None:
-    return conn.execute(select(t.model_keys).where(t.model_keys.c.key_commitment == key_commitment)).first()
+    return conn.execute(_MODEL_KEY, {"kc_": key_commitment}).first()
 
 
 def insert_model_key(
@@ -300,13 +316,17 @@ def own_model_ids(conn: Connection, publisher_id: str, model_ids: Sequence[str])
     return {r.id for r in conn.execute(stmt)}
 
 
+# Statements on the grant path are built once: SQLAlchemy then reuses their compiled form and
+# cache key instead of rebuilding an expression tree per call (most of a grant's CPU otherwise).
+_LICENCE_BY_ID = select(t.licences).where(t.licences.c.id == bindparam("id_"))
+_LICENCE_BY_ID_LOCKED = _LICENCE_BY_ID.with_for_update()
+
+
 def licence_by_id(conn: Connection, licence_id: str, *, lock: bool = False) -> DbRow | None:
     """The licence row; ``lock`` takes its row lock until commit (PostgreSQL ``FOR UPDATE``; SQLite
     already holds the database write lock in a write unit)."""
-    stmt = select(t.licences).where(t.licences.c.id == licence_id)
-    if lock and conn.dialect.name != "sqlite":
-        stmt = stmt.with_for_update()
-    return conn.execute(stmt).first()
+    stmt = _LICENCE_BY_ID_LOCKED if lock and conn.dialect.name != "sqlite" else _LICENCE_BY_ID
+    return conn.execute(stmt, {"id_": licence_id}).first()
 
 
 def licence_models(conn: Connection, licence_ids: Sequence[str]) -> dict[str, list[str]]:
@@ -420,38 +440,51 @@ def revoke_device(conn: Connection, device_id: str, reason: str, now: int) -> bo
     return conn.execute(stmt).rowcount == 1
 
 
+_DEVICE_BY_ID = select(t.devices).where(t.devices.c.id == bindparam("id_"))
+_LICENCE_HAS_MODEL = select(t.licence_models.c.model_id).where(
+    t.licence_models.c.licence_id == bindparam("licence_id_"), t.licence_models.c.model_id == bindparam("model_id_")
+)
+_USE_DEVICE_REQUEST = (
+    update(t.devices)
+    .where(
+        t.devices.c.id == bindparam("id_"),
+        t.devices.c.last_request_us < bindparam("ts_"),
+        t.devices.c.revoked_at.is_(None),
+    )
+    .values(last_request_us=bindparam("ts_"), last_seen_at=bindparam("now_"))
+)
+
+
+def _count_grant_statement(dialect: Any) -> Any:
+    u = t.usage_days
+    stmt = dialect.insert(u).values(licence_id=bindparam("licence_id_"), day=bindparam("day_"), grants=1)
+    return stmt.on_conflict_do_update(
+        index_elements=[u.c.licence_id, u.c.day],
+        set_={"grants": u.c.grants + 1},
+        where=u.c.grants < bindparam("limit_"),
+    ).returning(u.c.grants)
+
+
+_COUNT_GRANT = {"sqlite": _count_grant_statement(sqlite), "postgresql": _count_grant_statement(postgresql)}
+
+
 def device_by_id(conn: Connection, device_id: str) -> DbRow | None:
-    return conn.execute(select(t.devices).where(t.devices.c.id == device_id)).first()
+    return conn.execute(_DEVICE_BY_ID, {"id_": device_id}).first()
 
 
 def licence_has_model(conn: Connection, licence_id: str, model_id: str) -> bool:
-    lm = t.licence_models
-    stmt = select(lm.c.model_id).where(lm.c.licence_id == licence_id, lm.c.model_id == model_id)
-    return conn.execute(stmt).first() is not None
+    return conn.execute(_LICENCE_HAS_MODEL, {"licence_id_": licence_id, "model_id_": model_id}).first() is not None
 
 
 def use_device_request(conn: Connection, device_id: str, ts_us: int, now: int) -> bool:
     """The replay guard (spec §5.3): False if ``ts_us`` is not newer than the last request or the device is revoked."""
-    d = t.devices
-    stmt = (
-        update(d)
-        .where(d.c.id == device_id, d.c.last_request_us < ts_us, d.c.revoked_at.is_(None))
-        .values(last_request_us=ts_us, last_seen_at=now)
-    )
-    return conn.execute(stmt).rowcount == 1
+    return conn.execute(_USE_DEVICE_REQUEST, {"id_": device_id, "ts_": ts_us, "now_": now}).rowcount == 1
 
 
 def count_grant(conn: Connection, licence_id: str, day: int, limit: int) -> bool:
     """The daily usage limit (spec §5.3): one conditional upsert; False when ``limit`` is reached."""
-    u = t.usage_days
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    stmt = dialect.insert(u).values(licence_id=licence_id, day=day, grants=1)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[u.c.licence_id, u.c.day],
-        set_={"grants": u.c.grants + 1},
-        where=u.c.grants < limit,
-    ).returning(u.c.grants)
-    return conn.execute(stmt).first() is not None
+    params = {"licence_id_": licence_id, "day_": day, "limit_": limit}
+    return conn.execute(_COUNT_GRANT[conn.dialect.name], params).first() is not None
 
 
 def count_active_devices(conn: Connection, licence_id: str) -> int:
@@ -484,23 +517,27 @@ def rate_hit(conn: Connection, scope: str, key: bytes, window_start: int, limit:
 # --- audit ----------------------------------------------------------------------------------
 
 
+_AUDIT_HEAD = select(t.audit_heads.c.seq, t.audit_heads.c.hash).where(t.audit_heads.c.chain == bindparam("chain_"))
+_AUDIT_HEAD_LOCKED = _AUDIT_HEAD.with_for_update()
+_AUDIT_INSERT = insert(t.audit_log)
+_AUDIT_ADVANCE = (
+    update(t.audit_heads)
+    .where(t.audit_heads.c.chain == bindparam("chain_"), t.audit_heads.c.seq == bindparam("prev_seq_"))
+    .values(seq=bindparam("seq_"), hash=bindparam("hash_"))
+)
+
+
 def lock_audit_head(conn: Connection, chain: int) -> DbRow:
     """The chain's head, locked until commit (PostgreSQL ``FOR UPDATE``; SQLite holds the write lock)."""
-    h = t.audit_heads
-    stmt = select(h.c.seq, h.c.hash).where(h.c.chain == chain)
-    if conn.dialect.name != "sqlite":
-        stmt = stmt.with_for_update()
-    return conn.execute(stmt).one()
+    stmt = _AUDIT_HEAD if conn.dialect.name == "sqlite" else _AUDIT_HEAD_LOCKED
+    return conn.execute(stmt, {"chain_": chain}).one()
 
 
 def append_audit(conn: Connection, row: dict[str, Any]) -> None:
     """Insert one record and advance the head; the head update must match exactly one row."""
-    conn.execute(insert(t.audit_log).values(**row))
-    h = t.audit_heads
-    stmt = (
-        update(h).where(h.c.chain == row["chain"], h.c.seq == row["seq"] - 1).values(seq=row["seq"], hash=row["hash"])
-    )
-    if conn.execute(stmt).rowcount != 1:
+    conn.execute(_AUDIT_INSERT, row)
+    params = {"chain_": row["chain"], "prev_seq_": row["seq"] - 1, "seq_": row["seq"], "hash_": row["hash"]}
+    if conn.execute(_AUDIT_ADVANCE, params).rowcount != 1:
         raise Busy("the audit chain head moved; retry")
 
 

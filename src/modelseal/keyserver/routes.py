@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -214,14 +215,19 @@ _GRANT_ERRORS: dict[int | str, dict[str, Any]] = {
     openapi_extra=json_body_docs(api.GrantIn),
     responses=_GRANT_ERRORS,
 )
-def grant(server: KeyServerDep, request: Request) -> dict[str, Any]:
-    """A signed key grant for a registered device (spec §7.4, §8). Checks in the order of spec §7.1."""
+async def grant(server: KeyServerDep, request: Request) -> Response:
+    """A signed key grant for a registered device (spec §7.4, §8). Checks in the order of spec §7.1.
+
+    The hot path runs on the event loop, not in the thread pool: a grant is a few hundred
+    microseconds of CPU and short local statements, and the thread hop (with its GIL hand-offs)
+    cost more than the work (docs/benchmarks.md).
+    """
     ip, presented = client_ip(request), bearer(request)
     try:
         licence = server.authenticate_licence(presented)
         raw = request.state.raw_body
         req = parse_body(api.GrantIn, raw)
-        return server.issue_grant(
+        signed = server.issue_grant(
             licence,
             GrantRequest(
                 aud=b64decode(req.aud),
@@ -238,6 +244,7 @@ def grant(server: KeyServerDep, request: Request) -> dict[str, Any]:
         if exc.status == 401:
             server.note_auth_failure(ip)  # raises rate-limited once this IP is over its window
         raise
+    return Response(json.dumps(signed, separators=(",", ":")), media_type="application/json")
 
 
 _TOKEN_ERRORS: dict[int | str, dict[str, Any]] = {

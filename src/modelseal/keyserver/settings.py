@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8750, ge=1, le=65535)
     workers: int = Field(1, ge=1, le=256)
-    threads: int = Field(40, ge=1, le=1000)
+    threads: int = Field(4, ge=1, le=1000)  # per worker, running the synchronous services
     db_pool_size: int = Field(10, ge=1)
     db_max_overflow: int = Field(10, ge=0)
     sqlite_synchronous: str = Field("NORMAL", pattern="^(NORMAL|FULL)$")
@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     rate_auth_fail_ip: str = Field("60/60", pattern=r"^[1-9][0-9]{0,8}/[1-9][0-9]{0,8}$")
     audit_chains: int = Field(1, ge=1, le=1)  # several chains arrive in S5
     docs: bool = True
+    access_log: bool = False  # uvicorn's line per request; every decision is in the audit log
     dev_admin_token: SecretStr | None = None
 
     @property
