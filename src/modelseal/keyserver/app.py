@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -60,6 +61,9 @@ def create_app(settings: Settings | None = None, *, keyserver: KeyServer | None 
         import anyio.to_thread
 
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threads
+        # Everything loaded so far lives as long as the process: keep the cyclic collector
+        # from walking it again on every collection.
+        gc.freeze()
         yield
 
     app = FastAPI(

@@ -19,7 +19,7 @@ OPENAPI_COMPONENTS: dict[str, Any] = {}  # nested body schemas, added to the doc
 _bearer = HTTPBearer(auto_error=False, description="MSEAL-ADMIN:… admin token")
 
 
-def get_keyserver(request: Request) -> KeyServer:
+async def get_keyserver(request: Request) -> KeyServer:
     server: KeyServer = request.app.state.keyserver
     return server
 

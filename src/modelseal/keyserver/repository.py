@@ -113,16 +113,15 @@ class Database:
         # Writers on one host queue on a kernel lock instead of SQLite's sleeping busy handler:
         # threads of this process first on a thread lock (an flock is per open file, so threads
         # sharing the descriptor would not exclude each other), then processes on the flock.
-        with self._thread_lock:
+        with self.engine.connect() as conn, self._thread_lock:  # pool checkout outside the lock
             if self._lock_fd is None or self._lock_pid != os.getpid():
                 self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 self._lock_pid = os.getpid()
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             try:
-                with self.engine.connect() as conn:
-                    conn.execution_options(sqlite_begin="IMMEDIATE")
-                    with conn.begin():
-                        yield conn
+                conn.execution_options(sqlite_begin="IMMEDIATE")
+                with conn.begin():
+                    yield conn
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 

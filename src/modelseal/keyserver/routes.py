@@ -224,11 +224,14 @@ async def grant(server: KeyServerDep, request: Request) -> Response:
     """
     ip, presented = client_ip(request), bearer(request)
     try:
-        licence = server.authenticate_licence(presented)
         raw = request.state.raw_body
-        req = parse_body(api.GrantIn, raw)
-        signed = server.issue_grant(
-            licence,
+        try:
+            req = parse_body(api.GrantIn, raw)
+        except DomainError:
+            server.authenticate_licence(presented)  # a bad credential is reported before a bad body
+            raise
+        signed = server.grant_with_licence_key(
+            presented,
             GrantRequest(
                 aud=b64decode(req.aud),
                 ts=req.ts,

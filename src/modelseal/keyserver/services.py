@@ -201,6 +201,22 @@ class GrantRequest:
 
 
 @dataclass(frozen=True)
+class _GrantReads:
+    """The rows a grant decision reads, from one snapshot."""
+
+    device: Any
+    licence: Any
+    licensed: bool
+    key_row: Any
+
+
+def _licence_id(presented: str | None) -> str:
+    """The licence id a presented key names (a dummy id for a malformed key: same work follows)."""
+    parsed = decode_secret(LICENCE_PREFIX, presented or "")
+    return make_id("lic", parsed.id16 if parsed is not None else bytes(16))
+
+
+@dataclass(frozen=True)
 class Activation:
     device_id: str
     licence_id: str
@@ -577,17 +593,21 @@ class KeyServer:
             InvalidLicence: malformed key, unknown id or wrong secret — identical status, body and
                 work (one row lookup and one HMAC on every path), so nothing tells them apart.
         """
-        parsed = decode_secret(LICENCE_PREFIX, presented or "")
-        id16, secret32 = (parsed.id16, parsed.secret32) if parsed is not None else (bytes(16), bytes(32))
-        licence_id = make_id("lic", id16)
+        licence_id = _licence_id(presented)
         with self.db.read() as conn:
             row = repo.licence_by_id(conn, licence_id)
+        return self._check_licence(presented, row)
+
+    def _check_licence(self, presented: str | None, row: Any) -> LicenceAuth:
+        """One HMAC whether or not ``row`` exists, so every failure costs the same."""
+        parsed = decode_secret(LICENCE_PREFIX, presented or "")
+        id16, secret32 = (parsed.id16, parsed.secret32) if parsed is not None else (bytes(16), bytes(32))
         computed = secret_hash(self.secrets.pepper, "licence", id16, secret32)
         stored = bytes(row.secret_hash) if row is not None else _DUMMY_HASH
         equal = hmac.compare_digest(computed, stored)
         if parsed is None or row is None or not equal:
             raise InvalidLicence("invalid licence key")
-        return LicenceAuth(licence_id=licence_id, publisher_id=row.publisher_id)
+        return LicenceAuth(licence_id=row.id, publisher_id=row.publisher_id)
 
     # --- rate limiting (spec §14) ------------------------------------------------------------
 
@@ -850,7 +870,24 @@ class KeyServer:
         if abs(ts - self._now_us()) > self.clock_skew_s * 1_000_000:
             raise StaleRequest("the request timestamp is outside the allowed clock skew")
 
-    def issue_grant(self, licence: LicenceAuth, request: GrantRequest) -> dict[str, str]:
+    def grant_with_licence_key(self, presented: str | None, request: GrantRequest) -> dict[str, str]:
+        """:meth:`authenticate_licence` then :meth:`issue_grant`, with every row both need read in
+        one snapshot (the grant route's hot path)."""
+        with self.db.read() as conn:
+            reads = self._grant_reads(conn, _licence_id(presented), request)
+        return self.issue_grant(self._check_licence(presented, reads.licence), request, reads=reads)
+
+    def _grant_reads(self, conn: Connection, licence_id: str, request: GrantRequest) -> _GrantReads:
+        return _GrantReads(
+            device=repo.device_by_id(conn, request.device_id),
+            licence=repo.licence_by_id(conn, licence_id),
+            licensed=repo.licence_has_model(conn, licence_id, request.model_id),
+            key_row=repo.model_key_by_commitment(conn, request.key_commitment),
+        )
+
+    def issue_grant(
+        self, licence: LicenceAuth, request: GrantRequest, *, reads: _GrantReads | None = None
+    ) -> dict[str, str]:
         """A signed grant of the content key to a registered device (the wire form ``SignedGrant``).
 
         Raises:
@@ -859,27 +896,35 @@ class KeyServer:
             LicenceRevoked / LicenceExpired / DeviceRevoked / DeviceMismatch / ModelNotLicensed /
             KeyNotRegistered / KeyRevoked / UsageLimitReached: policy denials, audited as ``grant.denied``.
         """
-        with self.db.read() as conn:
-            device = repo.device_by_id(conn, request.device_id)
+        if reads is None:
+            with self.db.read() as conn:
+                reads = self._grant_reads(conn, licence.licence_id, request)
+        device = reads.device
         if device is None or device.licence_id != licence.licence_id:
             # Same answer as a bad signature: no oracle about other licences' devices.
             raise InvalidSignature("the request signature does not verify")
         self._verify_request(bytes(device.ed25519_pk), request.signature, GRANT_ROUTE, request.raw_body)
         self._check_fresh(request.aud, request.ts)
         try:
-            return self._grant(licence, request, device)
+            return self._grant(licence, request, device, reads=reads)
         except _GRANT_DENIALS as exc:
             self._audit_grant_denial(licence, request, exc)
             raise
 
     def _grant(
-        self, licence: LicenceAuth, request: GrantRequest, device: Any, *, consume_ts: bool = True
+        self,
+        licence: LicenceAuth,
+        request: GrantRequest,
+        device: Any,
+        *,
+        consume_ts: bool = True,
+        reads: _GrantReads | None = None,
     ) -> dict[str, str]:
         now = self._now()
-        with self.db.read() as conn:
-            lic = repo.licence_by_id(conn, licence.licence_id)
-            licensed = repo.licence_has_model(conn, licence.licence_id, request.model_id)
-            key_row = repo.model_key_by_commitment(conn, request.key_commitment)
+        if reads is None:
+            with self.db.read() as conn:
+                reads = self._grant_reads(conn, licence.licence_id, request)
+        lic, licensed, key_row = reads.licence, reads.licensed, reads.key_row
         if lic is None or lic.revoked_at is not None:
             raise LicenceRevoked("the licence is revoked")
         if lic.expires_at is not None and lic.expires_at <= now:
