@@ -49,13 +49,27 @@ def test_onnx_external_data_from_memory(tmp_path: Path, identity: Identity) -> N
     assert np.array_equal(session.run(None, {"x": X})[0], _plain(model))
 
 
-def test_onnx_runs_on_the_decrypted_buffers_without_a_copy(tmp_path: Path, identity: Identity) -> None:
+def test_onnx_runs_on_the_decrypted_buffers_without_a_copy(
+    tmp_path: Path, identity: Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The external data's decrypted buffers are the initializers' storage: with prepacking off
-    (so ONNX Runtime keeps reading the original weights), changing the buffer changes the output."""
+    (so ONNX Runtime keeps reading the original weights), changing the buffer changes the output.
+    (Shown with a heap buffer, which can be written; the in-memory file is sealed read-only.)"""
+    import mmap
+
     import onnxruntime as ort
+
+    from modelseal import loaders
 
     model = mlp_onnx(tmp_path / "src" / "model.onnx", external_data=True)
     sealed = _seal(tmp_path / "src", tmp_path / "m.mseal", identity)
+
+    session = modelseal.load_onnx(sealed, identity=identity)  # default: a sealed in-memory file, mapped
+    [buffer] = session._modelseal_buffers
+    assert isinstance(buffer.base.obj, mmap.mmap) and not buffer.flags.writeable
+    assert np.array_equal(session.run(None, {"x": X})[0], _plain(model))
+
+    monkeypatch.setattr(loaders, "memfd_supported", lambda: False)
     options = ort.SessionOptions()
     options.add_session_config_entry("session.disable_prepacking", "1")
     session = modelseal.load_onnx(sealed, identity=identity, sess_options=options)
