@@ -68,6 +68,10 @@ def test_air_gapped_activation_then_offline_open(tmp_path: Path, monkeypatch: py
         assert code == 0, err
         accepted = json.loads(out)
         assert accepted["grants"] == 1 and accepted["denied"] == []
+        # the response's time does not set this device's clock offset (it may have been held back)
+        ident = DeviceKey.load(device / "device.key")
+        clock, rolled_back = offline.State(device, ident.identity._key.private_bytes_raw(), ident.x25519_public).clock()
+        assert clock is not None and clock.offset == 0.0 and not rolled_back
         code, out, _ = _cli(pub, base, token, "device", "list")
         [listed] = json.loads(out)
         assert listed["id"] == accepted["device_id"] and listed["label"] == "lab-pc"

@@ -105,6 +105,11 @@ def test_same_boot_clock_change_and_corrupt_clock_are_rollbacks(
     with pytest.raises(modelseal.LicenceError) as info:
         _open(sealed, home)
     assert info.value.code == "clock-rollback"
+    # Deleting the clock record next to cached grants is the same as setting the clock back.
+    clock_file.unlink()
+    with pytest.raises(modelseal.LicenceError) as info:
+        _open(sealed, home)
+    assert info.value.code == "clock-rollback"
 
 
 def test_tampered_or_moved_cache_entries_are_ignored(tmp_path: Path) -> None:

@@ -53,7 +53,7 @@ TIMEOUT_S = 10.0
 _LICENCE_DENIALS = frozenset({"licence-revoked", "licence-expired", "device-revoked", "device-mismatch"})
 _DENIALS = _LICENCE_DENIALS | {"model-not-licensed", "key-revoked"}
 # Answers that mean "try later", handled like an unreachable server.
-_OFFLINE_CODES = frozenset({"rate-limited", "busy"})
+_OFFLINE_CODES = frozenset({"rate-limited", "busy", "usage-limit-reached"})
 
 
 class LicenceError(ModelSealError):
@@ -167,7 +167,10 @@ class Client:
     """A thin httpx client: errors become :class:`LicenceError` (server code) or :class:`KeyServerUnreachable`."""
 
     def __init__(self, url: str, credential: str) -> None:
-        import httpx
+        try:
+            import httpx
+        except ImportError:  # pragma: no cover - httpx is a dependency; a stripped install lacks it
+            raise KeyServerUnreachable("talking to a key server needs httpx: pip install httpx") from None
 
         self._httpx = httpx
         self.url = url.rstrip("/")
@@ -308,6 +311,8 @@ def offline_request(
     request_file = make_request(fields, device.signing._key)
     raw = b64decode(request_file["request"])
     pending = {
+        "ts": fields["ts"],
+        "max_age_s": int(server_info.get("offline_request_max_age_s", 604800)),
         "request_sha256": b64encode(hashlib.sha256(raw).digest()),
         "server": (server or server_info.get("public_url") or "").rstrip("/"),
         "signing_keys": server_info["signing_keys"],
@@ -341,6 +346,11 @@ def accept_offline(response_file: Any, *, home: Path | None = None) -> dict[str,
         raise LicenceError(exc.code, str(exc)) from None
     if resp.get("request_sha256") != pending["request_sha256"] or resp.get("licence_id") != pending["licence_id"]:
         raise LicenceError("offline-mismatch", "the response answers another request")
+    # The response's time is the server's at processing, not now: it must fall between the request
+    # and the request's maximum age, and it does not reset this device's clock offset.
+    requested = pending["ts"] / 1_000_000
+    if not requested - CLOCK_TOLERANCE_S <= resp["issued_at"] <= requested + pending["max_age_s"]:
+        raise LicenceError("request-expired", "the response was issued too long after the request")
     device = DeviceKey.load(home / "device.key")
     secret = device.identity._key
     checked = []
@@ -372,7 +382,7 @@ def accept_offline(response_file: Any, *, home: Path | None = None) -> dict[str,
         for model_id, kc, signed in checked:
             state.save_grant(resp["licence_id"], model_id, kc, signed)
         clock, _ = state.clock()
-        state.note_use(clock, server_time=resp["issued_at"])
+        state.note_use(clock)
         (home / _PENDING).unlink()
         (home / "activations" / f"{pending['licence_id']}.pending-key").unlink()
     return {**result, "grants": len(checked), "denied": resp["denied"]}
@@ -597,6 +607,9 @@ class KeyServerUnwrapper(Unwrapper):
         with _locked(home):
             state = State(home, secret.private_bytes_raw(), device.x25519_public)
             clock, rolled_back = state.clock()
+            # A cached grant is only ever written together with clock.state: a missing one next to
+            # cached grants was deleted, which is treated like a clock set back.
+            rolled_back = rolled_back or (clock is None and state.has_grants())
             now = offline.local_time() + (clock.offset if clock else 0.0)
             cached = state.cached_grant(
                 licence_id=record.licence_id,

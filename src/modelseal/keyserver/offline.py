@@ -217,6 +217,9 @@ class State:
             return None
         return Usable(grant, signed)
 
+    def has_grants(self) -> bool:
+        return any((self.home / "grants").rglob("*.grant"))
+
     def drop_grants(self, licence_id: str, model_id: str | None = None) -> None:
         """Forget cached grants of a licence (all of them, or one model's) after a denial."""
         if not _ID.match(licence_id) or (model_id is not None and not _ID.match(model_id)):

@@ -322,9 +322,10 @@ def create_grant_token(
 )
 def offline_request(server: KeyServerDep, request: Request) -> dict[str, Any]:
     """Answer an air-gapped device's request file with a signed response file (spec §7.9, §11)."""
-    ip = client_ip(request)
+    ip, presented = client_ip(request), bearer(request)
+    server.rate_limit_activation(ip, presented)  # it may activate a device: the same limits
     try:
-        licence = server.authenticate_licence(bearer(request))
+        licence = server.authenticate_licence(presented)
         try:
             request_file = loads_strict(request.state.raw_body, section="request body")
         except FormatError as exc:
