@@ -12,8 +12,9 @@ a tiny file with ``KeyServerRecipient``, one licence (``max_devices`` = the devi
 request timestamps are strictly increasing per device (the server rejects replays); grant
 requests are pre-signed before the run (signed on the fly only if the pool runs out).
 
-Phases, each closed-loop with ``--clients`` keep-alive connections, ``--warmup`` s excluded,
-``--seconds`` s measured, latency per request from the client:
+Phases, each with ``--clients`` keep-alive connections, ``--warmup`` s excluded, ``--seconds`` s
+measured, latency per request from the client; closed-loop by default (each connection sends its
+next request as soon as the last one is answered), open-loop with ``--rate``:
 
     healthz      GET /healthz             no auth, no database (framework and transport ceiling)
     server-info  GET /v1/server-info      licence auth: one row lookup, one HMAC, a key list
@@ -27,14 +28,32 @@ PostgreSQL's processes), by the generator and by everything else is printed for 
 so the numbers can be judged. ``--server-cpus`` / ``--generator-cpus`` pin them with taskset
 on a larger machine.
 
+Open loop (``--rate R``, every phase): requests are due on a fixed schedule, R/s in total; the k-th
+arrival (k = 0, 1, ...) is due at start + k/R and belongs to connection k mod ``--clients``, so
+each connection has a constant inter-arrival time of clients/R and at most one request in flight.
+Latency is measured from the *scheduled* time, not the send (no coordinated omission): when a
+connection is still busy at its next due time, that request starts late and the wait counts in
+its latency ("late" counts them). The measured requests are those *due* in the measured window;
+after it, a connection still sends its overdue ones for up to 2 s (any left are
+"unfinished" and fail the run's target). The achieved rate is 200 responses to measured requests
+per measured second (equal to R when the server keeps up; the completions inside the window are
+reported too as "throughput"). The generator's own start lag (send time minus due time, requests
+not late) is shown: when it is large, the generator, not the server, is behind.
+
 Target (issue "keyserver S5"): >= 1,000 grants/s with p99 <= 50 ms at 64 clients, SQLite,
-server on 2 cores.
+server on 2 cores; checked on the grant phase, open-loop when ``--rate`` is given.
 
 Usage::
 
     python benchmarks/bench_keyserver.py                          # sqlite+postgres, 1 and 2 workers, 10 s
     python benchmarks/bench_keyserver.py --backend sqlite --workers 1 --seconds 3
     python benchmarks/bench_keyserver.py --json out.json
+    python benchmarks/bench_keyserver.py --backend sqlite --workers 2 --rate 1000   # open loop, 1000/s
+
+Use ``--rate`` for the latency target: in a closed loop, Little's law ties latency to throughput
+(clients = throughput x mean latency, so 64 clients at 1,000/s means a 64 ms mean latency), so a
+closed loop can never show p99 <= 50 ms at 1,000/s with 64 clients, whereas an open loop offers a
+fixed rate and measures the latency at that rate.
 """
 
 from __future__ import annotations
@@ -72,6 +91,7 @@ GRANT_ROUTE = "/v1/grants"
 UNLIMITED_OPENS = 2**31 - 1  # usage upsert on the path (spec §17.4), never the limit
 PG_PASSWORD = "not-a-default-bench"  # trust auth ignores it; the settings check wants a non-default one
 PHASES = ("healthz", "server-info", "grant")
+OPEN_DRAIN_S = 2.0  # open loop: how long after the window a connection still sends its overdue requests
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -360,13 +380,26 @@ class Job:
     model_id: str
     key_commitment_b64: str
     presign_per_client: int
+    # open loop (rate is None: closed loop): arrival k is due at start + k/rate, on connection k % n_total;
+    # arrivals k_lo <= k < k_hi are measured, none is due from k_hi on
+    rate: float | None = None
+    client_ids: list[int] = field(default_factory=list)  # global connection index of each of clients
+    n_total: int = 0
+    k_lo: int = 0
+    k_hi: int = 0
 
 
 @dataclass
 class WorkerResult:
-    ok: int = 0
+    ok: int = 0  # closed loop: 200s completed in the window; open loop: 200s to requests due in it
     ok_total: int = 0  # warm-up and the requests in flight at the end too
     latencies: list[float] = field(default_factory=list)
+    # open loop only
+    due: int = 0  # requests due in the measured window
+    in_window: int = 0  # 200s completed inside the window (throughput)
+    late: int = 0  # measured requests whose connection was still busy when they were due
+    unfinished: int = 0  # measured requests never sent (the drain time ran out)
+    start_lags: list[float] = field(default_factory=list)  # send minus due time, measured requests not late
     bad: Counter[str] = field(default_factory=Counter)  # measured window
     bad_warmup: Counter[str] = field(default_factory=Counter)
     samples: list[str] = field(default_factory=list)
@@ -487,22 +520,35 @@ async def _drive(job: Job, sources: list[RequestSource], times: tuple[float, flo
             timeout=60,
         )
 
+    async def send(conn: RawConnection, req: tuple[str, str, dict[str, str], bytes]) -> tuple[int, bytes]:
+        method, path, headers, body = req
+        try:
+            if httpx_client is not None:
+                r = await httpx_client.request(method, path, headers=headers, content=body or None)
+                return r.status_code, r.content
+            return await conn.request(method, path, headers, body)
+        except Exception as exc:  # OSError, IncompleteReadError, httpx errors: all reported
+            return 0, f"{type(exc).__name__}: {exc}".encode()
+
+    async def count_error(status: int, data: bytes, measured: bool) -> None:
+        key = str(status) if status else "connection-error"
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            key += " " + json.loads(data)["error"]["code"]
+        (result.bad if measured else result.bad_warmup)[key] += 1
+        if len(result.samples) < 5:
+            result.samples.append(f"{key}: {data[:300].decode(errors='replace')}")
+        if status == 0:
+            await asyncio.sleep(0.01)
+
     async def one_client(source: RequestSource) -> None:
         conn = RawConnection(job.host, job.port)
         await asyncio.sleep(max(0.0, start_at - mono()))
         while True:
-            method, path, headers, body = source.take()
+            req = source.take()
             t0 = mono()
             if t0 >= end_at:
                 break
-            try:
-                if httpx_client is not None:
-                    r = await httpx_client.request(method, path, headers=headers, content=body or None)
-                    status, data = r.status_code, r.content
-                else:
-                    status, data = await conn.request(method, path, headers, body)
-            except Exception as exc:  # OSError, IncompleteReadError, httpx errors: all reported
-                status, data = 0, f"{type(exc).__name__}: {exc}".encode()
+            status, data = await send(conn, req)
             t1 = mono()
             measured = measure_at <= t1 <= end_at
             if status == 200:
@@ -511,17 +557,52 @@ async def _drive(job: Job, sources: list[RequestSource], times: tuple[float, flo
                     result.ok += 1
                     result.latencies.append(t1 - t0)
                 continue
-            key = str(status) if status else "connection-error"
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                key += " " + json.loads(data)["error"]["code"]
-            (result.bad if measured else result.bad_warmup)[key] += 1
-            if len(result.samples) < 5:
-                result.samples.append(f"{key}: {data[:300].decode(errors='replace')}")
-            if status == 0:
-                await asyncio.sleep(0.01)
+            await count_error(status, data, measured)
         conn.close()
 
-    await asyncio.gather(mark_cpu(), *(one_client(s) for s in sources))
+    async def one_client_open(source: RequestSource, index: int) -> None:
+        """Connection ``index``: arrivals index, index + n_total, ...; latency from the due time."""
+        assert job.rate is not None
+        conn = RawConnection(job.host, job.port)
+        drain_until = end_at + OPEN_DRAIN_S
+        last_done = -math.inf
+        for k in range(index, job.k_hi, job.n_total):
+            due = start_at + k / job.rate
+            measured = k >= job.k_lo
+            req = source.take()  # before the wait: a request signed on the fly is signed off the clock
+            now = mono()
+            if now < due:
+                await asyncio.sleep(due - now)
+            t0 = mono()
+            if t0 >= drain_until:
+                left = sum(1 for j in range(k, job.k_hi, job.n_total) if j >= job.k_lo)
+                result.unfinished += left
+                result.due += left
+                break
+            if measured:
+                result.due += 1
+                if last_done > due:  # the connection was busy when this one was due: it starts late
+                    result.late += 1
+                else:  # the connection was free: any delay is the generator's own
+                    result.start_lags.append(t0 - due)
+            status, data = await send(conn, req)
+            t1 = last_done = mono()
+            if status == 200:
+                result.ok_total += 1
+                if measure_at <= t1 <= end_at:
+                    result.in_window += 1
+                if measured:
+                    result.ok += 1
+                    result.latencies.append(t1 - due)
+                continue
+            await count_error(status, data, measured)
+        conn.close()
+
+    if job.rate is None:
+        clients = [one_client(s) for s in sources]
+    else:
+        clients = [one_client_open(s, i) for s, i in zip(sources, job.client_ids, strict=True)]
+    await asyncio.gather(mark_cpu(), *clients)
     if httpx_client is not None:
         await httpx_client.aclose()
     result.cpu_s = cpu_marks[1] - cpu_marks[0]
@@ -558,9 +639,16 @@ def run_phase(
 ) -> dict[str, Any]:
     n_clients, procs = args.clients, min(args.gen_procs, args.clients)
     per_client = [fixture.devices[i::n_clients] for i in range(n_clients)]
+    rate: float | None = args.rate
+    # open loop: arrivals k_lo <= k < k_hi are due in the measured window (k is due at start + k/rate)
+    k_lo = math.ceil(args.warmup * rate - 1e-9) if rate else 0
+    k_hi = math.ceil((args.warmup + args.seconds) * rate - 1e-9) if rate else 0
     presign = 0
     if phase == "grant":
-        presign = math.ceil(args.presign_rate * (args.warmup + args.seconds) / n_clients)
+        if rate:  # exactly the arrivals a connection is due: k_hi in all, one in n_clients each
+            presign = math.ceil(k_hi / n_clients)
+        else:
+            presign = math.ceil(args.presign_rate * (args.warmup + args.seconds) / n_clients)
     ctx = mp.get_context("spawn")
     workers = []
     for w in range(procs):
@@ -575,6 +663,11 @@ def run_phase(
             fixture.model_id,
             fixture.key_commitment_b64,
             presign,
+            rate,
+            list(range(n_clients))[w::procs],
+            n_clients,
+            k_lo,
+            k_hi,
         )
         parent, child = ctx.Pipe()
         p = ctx.Process(target=worker_main, args=(job, child), daemon=True)
@@ -623,11 +716,26 @@ def run_phase(
     gen_cpu = s1[2] - s0[2]
     busy, total = s1[3][0] - s0[3][0], s1[3][1] - s0[3][1]
     ms = 1000.0
+    lags = sorted(x for r in results for x in r.start_lags)
+    open_loop: dict[str, Any] = {}
+    if rate:
+        open_loop = {
+            "offered_rate": (k_hi - k_lo) / seconds,
+            "due": sum(r.due for r in results),
+            "throughput": sum(r.in_window for r in results) / seconds,
+            "late": sum(r.late for r in results),
+            "unfinished": sum(r.unfinished for r in results),
+            "start_lag_p50_ms": percentile(lags, 0.50) * ms,
+            "start_lag_p99_ms": percentile(lags, 0.99) * ms,
+            "start_lag_max_ms": (lags[-1] if lags else math.nan) * ms,
+        }
     return {
         "phase": phase,
+        "mode": "open" if rate else "closed",
         "ok": ok,
         "ok_total": sum(r.ok_total for r in results),
         "rate": ok / seconds,
+        **open_loop,
         "p50_ms": percentile(lat, 0.50) * ms,
         "p90_ms": percentile(lat, 0.90) * ms,
         "p99_ms": percentile(lat, 0.99) * ms,
@@ -691,11 +799,16 @@ def run_config(backend: str, workers: int, args: argparse.Namespace, pg: Postgre
         extra_roots = [pg.pid()] if pg is not None else []
         out["phases"] = {}
         for phase in args.phases:
-            log(f"  {phase}: {args.clients} clients, {args.warmup:g} s warm-up + {args.seconds:g} s measured")
+            loop = f"open loop at {args.rate:g}/s over" if args.rate else "closed loop,"
+            log(f"  {phase}: {loop} {args.clients} clients, {args.warmup:g} s warm-up + {args.seconds:g} s measured")
             res = run_phase(phase, args, server, fixture, extra_roots)
             out["phases"][phase] = res
             errs = sum(res["errors"].values()) + sum(res["errors_warmup"].values())
-            log(f"    {res['rate']:.0f}/s  p50 {res['p50_ms']:.1f} ms  p99 {res['p99_ms']:.1f} ms  non-200 {errs}")
+            line = f"    {res['rate']:.0f}/s  p50 {res['p50_ms']:.1f} ms  p99 {res['p99_ms']:.1f} ms  non-200 {errs}"
+            if args.rate:
+                line += f"  late {res['late']}/{res['due']}  unfinished {res['unfinished']}"
+                line += f"  throughput {res['throughput']:.0f}/s"
+            log(line)
             if errs:
                 log("    first errors: " + " | ".join(res["error_samples"]))
     finally:
@@ -724,8 +837,13 @@ def f1(x: float) -> str:
 def report(results: list[dict[str, Any]], args: argparse.Namespace, info: dict[str, Any]) -> None:
     print()
     smoke = not args.server_cpus
+    loop = (
+        f"open loop at {args.rate:g} req/s over {args.clients} connections (latency from the due time)"
+        if args.rate
+        else f"{args.clients} closed-loop clients"
+    )
     print(
-        f"Key server load, {args.clients} closed-loop clients, {args.warmup:g} s warm-up + {args.seconds:g} s "
+        f"Key server load, {loop}, {args.warmup:g} s warm-up + {args.seconds:g} s "
         f"measured, generator: {min(args.gen_procs, args.clients)} process(es), {args.client} HTTP/1.1 client"
     )
     print(f"machine: {info['nproc']} CPU(s) ({info['cpu_model']}), load average at start {info['loadavg_start']}")
@@ -741,6 +859,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
         f"{'backend':<9}{'W':>2} {'request':<12}{'req/s':>8}{'p50 ms':>8}{'p90 ms':>8}{'p99 ms':>8}{'max ms':>8}"
         f"{'non-200':>8}{'srv ms/req':>11}{'gen ms/req':>11}{'srv CPU%':>9}{'gen CPU%':>9}{'other%':>8}"
     )
+    if args.rate:
+        head += f"{'late':>7}{'unfin':>6}{'lag p99':>8}"
     print(head)
     print("-" * len(head))
     for r in results:
@@ -752,11 +872,18 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
                 f"{p['server_cpu_ms_per_req']:>11.2f}{p['generator_cpu_ms_per_req']:>11.2f}"
                 f"{(p['server_cpu_s'] + p['db_cpu_s']) / args.seconds * 100:>9.0f}"
                 f"{p['generator_cpu_s'] / args.seconds * 100:>9.0f}{p['other_cpu_s'] / args.seconds * 100:>8.0f}"
+                + (f"{p['late']:>7}{p['unfinished']:>6}{f1(p['start_lag_p99_ms']):>8}" if "late" in p else "")
             )
     print(
         "  srv ms/req: server CPU per request (uvicorn processes, plus PostgreSQL's for postgres);"
         " CPU% is of one core (200% = 2 cores busy); other% = machine busy minus server and generator."
     )
+    if args.rate:
+        print(
+            "  open loop: req/s = 200 responses to the requests due in the window, per second; latency from the"
+            " due time; late = due while its connection was still busy; unfin = never sent (drain ran out);"
+            " lag p99 = send time minus due time of the requests not late (the generator's own delay), ms."
+        )
     print()
     head = (
         f"{'backend':<9}{'W':>2} {'grants/s':>9}{'p99 ms':>8}{'errors':>7}"
@@ -780,9 +907,13 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
             cells += f"  {b['rate']:>{9 if base == 'healthz' else 7}.0f}{f1(b['p99_ms']):>8}{ratio:>7.2f}"
         if r["backend"] == "sqlite":
             met = g["rate"] >= TARGET_GRANTS_S and g["p99_ms"] <= TARGET_P99_MS and not errors
+            met = met and not g.get("unfinished")
             verdict = ("meets" if met else "misses") + f" >={TARGET_GRANTS_S:.0f}/s & p99<={TARGET_P99_MS:.0f} ms"
-            if smoke:
-                verdict += " (smoke)"
+            if g.get("mode") == "open":
+                verdict += f" (open loop at {g['offered_rate']:.0f}/s"
+            else:
+                verdict += " (closed loop: Little's law bounds p99 from below, use --rate"
+            verdict += ", smoke)" if smoke else ")"
         else:
             verdict = "reported, no target"
         print(f"{r['backend']:<9}{r['workers']:>2} {g['rate']:>9.0f}{f1(g['p99_ms']):>8}{errors:>7}{cells}  {verdict}")
@@ -795,6 +926,14 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
         g = r.get("phases", {}).get("grant")
         if g is not None:
             notes.append(f"{g['ok']} grants measured, pre-signing took {g['presign_s']:.1f} s")
+            if g.get("mode") == "open":
+                notes.append(
+                    f"open loop: {g['due']} grants due in the window ({g['offered_rate']:.0f}/s offered),"
+                    f" {g['late']} started late, {g['unfinished']} unfinished,"
+                    f" {g['throughput']:.0f}/s completed inside the window,"
+                    f" generator start lag p50 {f1(g['start_lag_p50_ms'])} / p99 {f1(g['start_lag_p99_ms'])}"
+                    f" / max {f1(g['start_lag_max_ms'])} ms"
+                )
             if g["signed_live"]:
                 notes.append(f"{g['signed_live']} requests signed during the run (pool ran out)")
             if r.get("audit_grant_records") is not None:
@@ -837,10 +976,18 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=3.0, help="warm-up seconds per phase, excluded (default 3)")
     parser.add_argument("--devices", type=int, help="activated devices, cycled by the clients (default = --clients)")
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
+    parser.add_argument(
+        "--rate",
+        type=float,
+        help="open loop: requests/s in total, on a fixed schedule, every phase (default: closed loop)",
+    )
     parser.add_argument("--gen-procs", type=int, default=2, help="load generator processes (default 2)")
     parser.add_argument("--client", choices=("raw", "httpx"), default="raw", help="generator HTTP client")
     parser.add_argument(
-        "--presign-rate", type=float, default=3000.0, help="grant requests pre-signed per second of run (default 3000)"
+        "--presign-rate",
+        type=float,
+        default=3000.0,
+        help="closed loop: grant requests pre-signed per second of run (default 3000; open loop: --rate)",
     )
     parser.add_argument("--server-cpus", help="taskset -c list for the server, e.g. 0,1 (default: not pinned)")
     parser.add_argument("--generator-cpus", help="CPU list for the generator processes, e.g. 2-15 as 2,3,4")
@@ -850,6 +997,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     args.devices = args.devices or args.clients
+    if args.rate is not None and not (math.isfinite(args.rate) and args.rate > 0):
+        parser.error("--rate must be a positive number of requests per second")
     if args.devices < args.clients:
         parser.error("--devices must be at least --clients (each client owns its devices)")
     if "grant" in args.phases and args.phases[-1] != "grant":
