@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from modelseal._private.crypto import KeySchedule
 from modelseal._private.encoding import b64decode, b64encode
@@ -435,3 +436,26 @@ def test_http_grant_media_type_and_size(client: TestClient, keyserver: KeyServer
     assert r.status_code == 415
     r = _http_grant(client, key, b"{" + b" " * (10 << 20) + b"}", "x")
     assert r.status_code == 413
+
+
+@pytest.mark.parametrize("revoke", ["licence", "device"])
+def test_revocation_between_checks_and_commit_is_caught_in_the_write(
+    keyserver: KeyServer, admin: Admin, setup: dict[str, Any], revoke: str
+) -> None:
+    """Spec §5.3: a revocation that commits after a grant's reads but before its write unit is seen
+    by the write unit's conditional update; no grant, no usage counted, a denial audited."""
+    s = setup
+    req = _grant_request(keyserver, s["device"], s["device_id"], s["model_id"], s["kc"])
+    with keyserver.db.read() as conn:
+        stale = keyserver._grant_reads(conn, s["lic"].licence_id, req)  # read before the revocation
+    if revoke == "licence":
+        keyserver.revoke_licence(admin, s["lic"].licence_id, "ended")
+    else:
+        keyserver.revoke_device(admin, s["device_id"], "lost")
+    expected = errors.LicenceRevoked if revoke == "licence" else errors.DeviceRevoked
+    with pytest.raises(expected):
+        keyserver.issue_grant(s["lic"], req, reads=stale)
+    with keyserver.db.read() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM usage_days")).scalar_one() == 0
+    assert ("grant.denied", expected.code) in _events(keyserver, admin)
+    assert ("grant.issued", None) not in _events(keyserver, admin)

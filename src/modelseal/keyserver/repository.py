@@ -443,14 +443,25 @@ _DEVICE_BY_ID = select(t.devices).where(t.devices.c.id == bindparam("id_"))
 _LICENCE_HAS_MODEL = select(t.licence_models.c.model_id).where(
     t.licence_models.c.licence_id == bindparam("licence_id_"), t.licence_models.c.model_id == bindparam("model_id_")
 )
+_LICENCE_LIVE = (
+    select(t.licences.c.id)
+    .where(t.licences.c.id == bindparam("licence_id_"), t.licences.c.revoked_at.is_(None))
+    .exists()
+)
 _USE_DEVICE_REQUEST = (
     update(t.devices)
     .where(
         t.devices.c.id == bindparam("id_"),
         t.devices.c.last_request_us < bindparam("ts_"),
         t.devices.c.revoked_at.is_(None),
+        _LICENCE_LIVE,
     )
     .values(last_request_us=bindparam("ts_"), last_seen_at=bindparam("now_"))
+)
+_TOUCH_DEVICE = (
+    update(t.devices)
+    .where(t.devices.c.id == bindparam("id_"), t.devices.c.revoked_at.is_(None), _LICENCE_LIVE)
+    .values(last_seen_at=bindparam("now_"))
 )
 
 
@@ -475,9 +486,13 @@ def licence_has_model(conn: Connection, licence_id: str, model_id: str) -> bool:
     return conn.execute(_LICENCE_HAS_MODEL, {"licence_id_": licence_id, "model_id_": model_id}).first() is not None
 
 
-def use_device_request(conn: Connection, device_id: str, ts_us: int, now: int) -> bool:
-    """The replay guard (spec §5.3): False if ``ts_us`` is not newer than the last request or the device is revoked."""
-    return conn.execute(_USE_DEVICE_REQUEST, {"id_": device_id, "ts_": ts_us, "now_": now}).rowcount == 1
+def use_device_request(conn: Connection, device_id: str, licence_id: str, ts_us: int | None, now: int) -> bool:
+    """The replay guard (spec §5.3): False if ``ts_us`` is not newer than the device's last request,
+    or the device or its licence is revoked. ``ts_us=None`` checks revocation only."""
+    params = {"id_": device_id, "licence_id_": licence_id, "now_": now}
+    if ts_us is None:
+        return conn.execute(_TOUCH_DEVICE, params).rowcount == 1
+    return conn.execute(_USE_DEVICE_REQUEST, params | {"ts_": ts_us}).rowcount == 1
 
 
 def count_grant(conn: Connection, licence_id: str, day: int, limit: int) -> bool:

@@ -962,20 +962,20 @@ class KeyServer:
         )
 
         def unit(conn: Connection) -> None:
-            row = repo.licence_by_id(conn, licence.licence_id, lock=True)  # lock order: licence → device → usage
-            if row is None or row.revoked_at is not None:
-                raise LicenceRevoked("the licence is revoked")
-            if consume_ts and not repo.use_device_request(conn, device.id, request.ts, now):
-                current = repo.device_by_id(conn, device.id)
+            # One conditional update checks replay, device and licence revocation (spec §5.3); only
+            # when it matches nothing do we read why. An offline request is used once by its hash
+            # instead (spec §11), so it checks revocation without consuming a timestamp.
+            ts = request.ts if consume_ts else None
+            if not repo.use_device_request(conn, device.id, licence.licence_id, ts, now):
+                current = repo.licence_by_id(conn, licence.licence_id)
                 if current is None or current.revoked_at is not None:
+                    raise LicenceRevoked("the licence is revoked")
+                dev = repo.device_by_id(conn, device.id)
+                if dev is None or dev.revoked_at is not None:
                     raise DeviceRevoked("this device is revoked")
                 raise ReplayedRequest("the request timestamp was used before")
-            if not consume_ts:  # an offline request, used once by its hash (spec §11)
-                current = repo.device_by_id(conn, device.id)
-                if current is None or current.revoked_at is not None:
-                    raise DeviceRevoked("this device is revoked")
-            if row.opens_per_day is not None and not repo.count_grant(
-                conn, licence.licence_id, now // 86400, row.opens_per_day
+            if lic.opens_per_day is not None and not repo.count_grant(
+                conn, licence.licence_id, now // 86400, lic.opens_per_day
             ):
                 raise UsageLimitReached("the licence's daily grant limit is reached", retry_after=86400 - now % 86400)
             detail = {
