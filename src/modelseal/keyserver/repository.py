@@ -11,6 +11,7 @@ import os
 import random
 import threading
 import time
+from collections import namedtuple
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -188,6 +189,61 @@ class Database:
             return False
 
 
+# --- the grant path's statements -----------------------------------------------------------------
+
+
+class _Fast:
+    """A Core statement compiled once per dialect (and insert column set) and run on the DBAPI
+    cursor of the unit's connection, inside its transaction.
+
+    A grant runs about ten statements; SQLAlchemy's per-execution machinery (execution context,
+    result wrapping, events) cost more than SQLite took to run them (docs/benchmarks.md). The SQL
+    is still SQLAlchemy's, rendered for the connection's dialect; driver errors are re-raised as
+    SQLAlchemy's exception types, so ``Database.write`` retries and maps them as before.
+    """
+
+    def __init__(self, stmt: Any) -> None:
+        self.stmt = stmt
+        self._compiled: dict[tuple[str, tuple[str, ...]], tuple[str, dict[str, Any], tuple[str, ...] | None]] = {}
+        self._rows: dict[tuple[str, ...], Any] = {}
+
+    def _get(self, dialect: Any, keys: tuple[str, ...]) -> tuple[str, dict[str, Any], tuple[str, ...] | None]:
+        found = self._compiled.get((dialect.name, keys))
+        if found is None:
+            compiled = self.stmt.compile(dialect=dialect, column_keys=list(keys) or None)
+            order = tuple(compiled.positiontup) if compiled.positional else None
+            defaults = {name: bind.value for name, bind in compiled.binds.items() if not bind.required}
+            found = self._compiled[(dialect.name, keys)] = (str(compiled), defaults, order)
+        return found
+
+    def execute(self, conn: Connection, params: dict[str, Any], *, columns: tuple[str, ...] = ()) -> Any:
+        sql, defaults, order = self._get(conn.dialect, columns)
+        merged = {**defaults, **params}
+        args: Any = [merged[k] for k in order] if order is not None else merged
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        dbapi = conn.dialect.loaded_dbapi
+        try:
+            cursor.execute(sql, args)
+        except dbapi.Error as exc:
+            raise DBAPIError.instance(sql, args, exc, dbapi.Error) from exc
+        return cursor
+
+    def first(self, conn: Connection, params: dict[str, Any]) -> Any:
+        """The first row (a named tuple: attribute access like SQLAlchemy's rows), or None."""
+        cursor = self.execute(conn, params)
+        row = cursor.fetchone()
+        if row is None:
+            return None
+        names = tuple(d[0] for d in cursor.description)
+        cls = self._rows.get(names)
+        if cls is None:
+            cls = self._rows[names] = namedtuple("Row", names)
+        return cls(*row)
+
+    def rowcount(self, conn: Connection, params: dict[str, Any], *, columns: tuple[str, ...] = ()) -> int:
+        return int(self.execute(conn, params, columns=columns).rowcount)
+
+
 # --- statements -----------------------------------------------------------------------------
 
 
@@ -269,11 +325,11 @@ def list_models(conn: Connection, publisher_id: str, after: str | None, limit: i
     return conn.execute(stmt.order_by(m.c.id).limit(limit)).all()
 
 
-_MODEL_KEY = select(t.model_keys).where(t.model_keys.c.key_commitment == bindparam("kc_"))
+_MODEL_KEY = _Fast(select(t.model_keys).where(t.model_keys.c.key_commitment == bindparam("kc_")))
 
 
-def model_key_by_commitment(conn: Connection, key_commitment: bytes) -> DbRow | None:
-    return conn.execute(_MODEL_KEY, {"kc_": key_commitment}).first()
+def model_key_by_commitment(conn: Connection, key_commitment: bytes) -> Any:
+    return _MODEL_KEY.first(conn, {"kc_": key_commitment})
 
 
 def insert_model_key(
@@ -317,15 +373,15 @@ def own_model_ids(conn: Connection, publisher_id: str, model_ids: Sequence[str])
 
 # Statements on the grant path are built once: SQLAlchemy then reuses their compiled form and
 # cache key instead of rebuilding an expression tree per call (most of a grant's CPU otherwise).
-_LICENCE_BY_ID = select(t.licences).where(t.licences.c.id == bindparam("id_"))
-_LICENCE_BY_ID_LOCKED = _LICENCE_BY_ID.with_for_update()
+_LICENCE_BY_ID = _Fast(select(t.licences).where(t.licences.c.id == bindparam("id_")))
+_LICENCE_BY_ID_LOCKED = _Fast(_LICENCE_BY_ID.stmt.with_for_update())
 
 
-def licence_by_id(conn: Connection, licence_id: str, *, lock: bool = False) -> DbRow | None:
+def licence_by_id(conn: Connection, licence_id: str, *, lock: bool = False) -> Any:
     """The licence row; ``lock`` takes its row lock until commit (PostgreSQL ``FOR UPDATE``; SQLite
     already holds the database write lock in a write unit)."""
     stmt = _LICENCE_BY_ID_LOCKED if lock and conn.dialect.name != "sqlite" else _LICENCE_BY_ID
-    return conn.execute(stmt, {"id_": licence_id}).first()
+    return stmt.first(conn, {"id_": licence_id})
 
 
 def licence_models(conn: Connection, licence_ids: Sequence[str]) -> dict[str, list[str]]:
@@ -439,16 +495,19 @@ def revoke_device(conn: Connection, device_id: str, reason: str, now: int) -> bo
     return conn.execute(stmt).rowcount == 1
 
 
-_DEVICE_BY_ID = select(t.devices).where(t.devices.c.id == bindparam("id_"))
-_LICENCE_HAS_MODEL = select(t.licence_models.c.model_id).where(
-    t.licence_models.c.licence_id == bindparam("licence_id_"), t.licence_models.c.model_id == bindparam("model_id_")
+_DEVICE_BY_ID = _Fast(select(t.devices).where(t.devices.c.id == bindparam("id_")))
+_LICENCE_HAS_MODEL = _Fast(
+    select(t.licence_models.c.model_id).where(
+        t.licence_models.c.licence_id == bindparam("licence_id_"),
+        t.licence_models.c.model_id == bindparam("model_id_"),
+    )
 )
 _LICENCE_LIVE = (
     select(t.licences.c.id)
     .where(t.licences.c.id == bindparam("licence_id_"), t.licences.c.revoked_at.is_(None))
     .exists()
 )
-_USE_DEVICE_REQUEST = (
+_USE_DEVICE_REQUEST = _Fast(
     update(t.devices)
     .where(
         t.devices.c.id == bindparam("id_"),
@@ -458,7 +517,7 @@ _USE_DEVICE_REQUEST = (
     )
     .values(last_request_us=bindparam("ts_"), last_seen_at=bindparam("now_"))
 )
-_TOUCH_DEVICE = (
+_TOUCH_DEVICE = _Fast(
     update(t.devices)
     .where(t.devices.c.id == bindparam("id_"), t.devices.c.revoked_at.is_(None), _LICENCE_LIVE)
     .values(last_seen_at=bindparam("now_"))
@@ -475,15 +534,18 @@ def _count_grant_statement(dialect: Any) -> Any:
     ).returning(u.c.grants)
 
 
-_COUNT_GRANT = {"sqlite": _count_grant_statement(sqlite), "postgresql": _count_grant_statement(postgresql)}
+_COUNT_GRANT = {
+    "sqlite": _Fast(_count_grant_statement(sqlite)),
+    "postgresql": _Fast(_count_grant_statement(postgresql)),
+}
 
 
-def device_by_id(conn: Connection, device_id: str) -> DbRow | None:
-    return conn.execute(_DEVICE_BY_ID, {"id_": device_id}).first()
+def device_by_id(conn: Connection, device_id: str) -> Any:
+    return _DEVICE_BY_ID.first(conn, {"id_": device_id})
 
 
 def licence_has_model(conn: Connection, licence_id: str, model_id: str) -> bool:
-    return conn.execute(_LICENCE_HAS_MODEL, {"licence_id_": licence_id, "model_id_": model_id}).first() is not None
+    return _LICENCE_HAS_MODEL.first(conn, {"licence_id_": licence_id, "model_id_": model_id}) is not None
 
 
 def use_device_request(conn: Connection, device_id: str, licence_id: str, ts_us: int | None, now: int) -> bool:
@@ -491,14 +553,14 @@ def use_device_request(conn: Connection, device_id: str, licence_id: str, ts_us:
     or the device or its licence is revoked. ``ts_us=None`` checks revocation only."""
     params = {"id_": device_id, "licence_id_": licence_id, "now_": now}
     if ts_us is None:
-        return conn.execute(_TOUCH_DEVICE, params).rowcount == 1
-    return conn.execute(_USE_DEVICE_REQUEST, params | {"ts_": ts_us}).rowcount == 1
+        return _TOUCH_DEVICE.rowcount(conn, params) == 1
+    return _USE_DEVICE_REQUEST.rowcount(conn, params | {"ts_": ts_us}) == 1
 
 
 def count_grant(conn: Connection, licence_id: str, day: int, limit: int) -> bool:
     """The daily usage limit (spec §5.3): one conditional upsert; False when ``limit`` is reached."""
     params = {"licence_id_": licence_id, "day_": day, "limit_": limit}
-    return conn.execute(_COUNT_GRANT[conn.dialect.name], params).first() is not None
+    return _COUNT_GRANT[conn.dialect.name].first(conn, params) is not None
 
 
 def count_active_devices(conn: Connection, licence_id: str) -> int:
@@ -531,27 +593,32 @@ def rate_hit(conn: Connection, scope: str, key: bytes, window_start: int, limit:
 # --- audit ----------------------------------------------------------------------------------
 
 
-_AUDIT_HEAD = select(t.audit_heads.c.seq, t.audit_heads.c.hash).where(t.audit_heads.c.chain == bindparam("chain_"))
-_AUDIT_HEAD_LOCKED = _AUDIT_HEAD.with_for_update()
-_AUDIT_INSERT = insert(t.audit_log)
-_AUDIT_ADVANCE = (
+_AUDIT_HEAD = _Fast(
+    select(t.audit_heads.c.seq, t.audit_heads.c.hash).where(t.audit_heads.c.chain == bindparam("chain_"))
+)
+_AUDIT_HEAD_LOCKED = _Fast(_AUDIT_HEAD.stmt.with_for_update())
+_AUDIT_INSERT = _Fast(insert(t.audit_log))
+_AUDIT_ADVANCE = _Fast(
     update(t.audit_heads)
     .where(t.audit_heads.c.chain == bindparam("chain_"), t.audit_heads.c.seq == bindparam("prev_seq_"))
     .values(seq=bindparam("seq_"), hash=bindparam("hash_"))
 )
 
 
-def lock_audit_head(conn: Connection, chain: int) -> DbRow:
+def lock_audit_head(conn: Connection, chain: int) -> Any:
     """The chain's head, locked until commit (PostgreSQL ``FOR UPDATE``; SQLite holds the write lock)."""
     stmt = _AUDIT_HEAD if conn.dialect.name == "sqlite" else _AUDIT_HEAD_LOCKED
-    return conn.execute(stmt, {"chain_": chain}).one()
+    head = stmt.first(conn, {"chain_": chain})
+    if head is None:
+        raise LookupError(f"audit chain {chain} has no head row")
+    return head
 
 
 def append_audit(conn: Connection, row: dict[str, Any]) -> None:
     """Insert one record and advance the head; the head update must match exactly one row."""
-    conn.execute(_AUDIT_INSERT, row)
+    _AUDIT_INSERT.rowcount(conn, row, columns=tuple(sorted(row)))
     params = {"chain_": row["chain"], "prev_seq_": row["seq"] - 1, "seq_": row["seq"], "hash_": row["hash"]}
-    if conn.execute(_AUDIT_ADVANCE, params).rowcount != 1:
+    if _AUDIT_ADVANCE.rowcount(conn, params) != 1:
         raise Busy("the audit chain head moved; retry")
 
 
