@@ -6,6 +6,7 @@ import json
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from .._private.encoding import b64decode, b64encode, loads_strict
 from ..errors import FormatError
@@ -228,19 +229,20 @@ async def grant(request: Request) -> Response:
         except DomainError:
             server.authenticate_licence(presented)  # a bad credential is reported before a bad body
             raise
-        signed = server.grant_with_licence_key(
-            presented,
-            GrantRequest(
-                aud=b64decode(req.aud),
-                ts=req.ts,
-                device_id=req.device_id,
-                model_id=req.model_id,
-                key_commitment=b64decode(req.key_commitment),
-                fingerprint=b64decode(req.fingerprint),
-                raw_body=raw,
-                signature=request.headers.get("modelseal-signature"),
-            ),
+        grant_request = GrantRequest(
+            aud=b64decode(req.aud),
+            ts=req.ts,
+            device_id=req.device_id,
+            model_id=req.model_id,
+            key_commitment=b64decode(req.key_commitment),
+            fingerprint=b64decode(req.fingerprint),
+            raw_body=raw,
+            signature=request.headers.get("modelseal-signature"),
         )
+        if server.db.is_sqlite:  # local statements: cheaper inline than through a thread
+            signed = server.grant_with_licence_key(presented, grant_request)
+        else:  # network round trips to PostgreSQL: let other requests use the wait
+            signed = await run_in_threadpool(server.grant_with_licence_key, presented, grant_request)
     except DomainError as exc:
         if exc.status == 401:
             server.note_auth_failure(ip)  # raises rate-limited once this IP is over its window
