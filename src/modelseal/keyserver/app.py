@@ -64,6 +64,7 @@ def create_app(settings: Settings | None = None, *, keyserver: KeyServer | None 
         # Everything loaded so far lives as long as the process: keep the cyclic collector
         # from walking it again on every collection.
         gc.freeze()
+        keyserver.db.start_checkpoints()
         yield
 
     app = FastAPI(

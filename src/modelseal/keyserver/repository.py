@@ -54,6 +54,8 @@ class Database:
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         self._lock_path: Path | None = None
         self._thread_lock = threading.Lock()
+        self._background_checkpoints = False
+        self._checkpointer: threading.Thread | None = None
         self._lock_fd: int | None = None
         self._lock_pid = 0
         if self.is_sqlite:
@@ -73,6 +75,9 @@ class Database:
                 cur.execute(f"PRAGMA synchronous={sync}")
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+                if self._background_checkpoints:
+                    cur.execute("PRAGMA wal_autocheckpoint=0")
+                    cur.execute("PRAGMA journal_size_limit=67108864")
                 cur.close()
 
             @event.listens_for(self.engine, "begin")
@@ -89,7 +94,33 @@ class Database:
                 isolation_level="READ COMMITTED",
             )
 
+    def start_checkpoints(self, interval_s: float = 1.0) -> None:
+        """SQLite: copy the write-ahead log into the database from a background thread (a
+        ``PASSIVE`` checkpoint, which never blocks writers) instead of inside whichever commit
+        crosses the auto-checkpoint size: that commit would hold the write lock through the
+        copy and its fsync, and every grant queued behind it would wait. No-op on PostgreSQL."""
+        if not self.is_sqlite or self._checkpointer is not None:
+            return
+        self._background_checkpoints = True
+        self.engine.dispose()  # connections opened from now on skip the automatic checkpoint
+
+        def run() -> None:
+            while self._background_checkpoints:
+                time.sleep(interval_s)
+                try:
+                    raw = self.engine.raw_connection()  # autocommit: a checkpoint runs outside BEGIN
+                    try:
+                        raw.cursor().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    finally:
+                        raw.close()
+                except Exception:  # a busy or closed database: try again next time
+                    continue
+
+        self._checkpointer = threading.Thread(target=run, name="sqlite-checkpoint", daemon=True)
+        self._checkpointer.start()
+
     def dispose(self) -> None:
+        self._background_checkpoints = False
         self.engine.dispose()
         if self._lock_fd is not None and self._lock_pid == os.getpid():
             os.close(self._lock_fd)
