@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -212,3 +214,49 @@ def test_audit_route_lists_only_own_records(logged: KeyServer, client: Any, admi
     theirs = client.get("/v1/admin/audit", headers={"Authorization": f"Bearer {token}"}).json()["items"]
     assert [i["event"] for i in theirs] == ["publisher.created", "admin-token.created"]
     assert all(i["publisher_id"] == other for i in theirs)
+
+
+def test_deleted_tail_with_rewritten_head_needs_an_anchor(
+    logged: KeyServer, settings: Settings, admin: Admin, tmp_path: Path
+) -> None:
+    """The chain alone cannot show the newest records deleted together with a head row rewritten
+    to the record before them; an anchor written earlier (and kept off the server) does."""
+    anchor = tmp_path / "anchor.json"
+    result = CliRunner().invoke(
+        cli_app, ["keyserver", "audit-verify", "--write-anchor", str(anchor)], env=_env(settings)
+    )
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(anchor.read_text())["heads"][0]["seq"] == 8
+    logged.create_model(admin, "after-the-anchor")  # seq 9
+    _sql(
+        logged,
+        "DELETE FROM audit_log WHERE seq >= 8",
+        "UPDATE audit_heads SET seq = 7, hash = (SELECT hash FROM audit_log WHERE seq = 7)",
+    )
+    assert audit_verify(settings) == (0, [])  # the chain alone: consistent
+    result = CliRunner().invoke(cli_app, ["keyserver", "audit-verify", "--anchor", str(anchor)], env=_env(settings))
+    assert result.exit_code == 1
+    [problem] = [json.loads(line) for line in result.stdout.splitlines()]
+    assert problem["seq"] == 8 and "records deleted" in problem["problem"]
+
+
+def test_anchor_detects_a_changed_anchored_record_and_rejects_junk(
+    logged: KeyServer, settings: Settings, tmp_path: Path
+) -> None:
+    anchor = tmp_path / "anchor.json"
+    assert (
+        CliRunner()
+        .invoke(cli_app, ["keyserver", "audit-verify", "--write-anchor", str(anchor)], env=_env(settings))
+        .exit_code
+        == 0
+    )
+    good = logged.verify_audit([json.loads(anchor.read_text())])
+    assert good == []
+    forged = json.loads(anchor.read_text())
+    forged["heads"][0]["hash"] = base64.b64encode(bytes(32)).decode()
+    [problem] = logged.verify_audit([forged])
+    assert "missing or was changed" in problem.problem
+    junk = tmp_path / "junk.json"
+    junk.write_text('{"type": "something-else"}')
+    result = CliRunner().invoke(cli_app, ["keyserver", "audit-verify", "--anchor", str(junk)], env=_env(settings))
+    assert result.exit_code != 0 and "anchor" in result.stderr

@@ -170,3 +170,46 @@ def _verify(conn: Connection, audit_key: bytes, batch: int) -> Iterator[Problem]
         last = expected_seq - 1
         if head.seq != last or not hmac.compare_digest(bytes(head.hash), prev):
             yield Problem(chain, head.seq, f"head row (seq {head.seq}) does not match the last record (seq {last})")
+
+
+# --- anchors (spec §12.4): heads copied off the server ------------------------------------------
+
+ANCHOR_TYPE = "modelseal-audit-anchor"
+
+
+def anchor(conn: Connection) -> dict[str, Any]:
+    """The current head of every chain, to keep somewhere the server's operator cannot rewrite."""
+    heads = [
+        {"chain": h.chain, "seq": h.seq, "hash": base64.b64encode(bytes(h.hash)).decode()}
+        for h in repo.audit_heads(conn)
+    ]
+    return {"type": ANCHOR_TYPE, "v": 1, "heads": heads}
+
+
+def check_anchor(conn: Connection, anchored: Any) -> list[Problem]:
+    """Problems with the log against an anchor written earlier: every anchored record must still
+    be there, unchanged, and no chain may end before it. This is what detects a deleted tail
+    together with a rewritten head row, which the chain alone cannot (spec §12.4)."""
+    if not isinstance(anchored, dict) or anchored.get("type") != ANCHOR_TYPE or anchored.get("v") != 1:
+        raise ValueError("not an audit anchor file")
+    heads = {h.chain: h for h in repo.audit_heads(conn)}
+    problems = []
+    for item in anchored.get("heads", []):
+        try:
+            chain, seq, digest = int(item["chain"]), int(item["seq"]), base64.b64decode(item["hash"], validate=True)
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("not an audit anchor file (malformed head)") from None
+        if seq == 0:
+            continue
+        head = heads.get(chain)
+        if head is None or head.seq < seq:
+            end = head.seq if head is not None else 0
+            problems.append(
+                Problem(chain, seq, f"log ends at seq {end}, before the anchored seq {seq}: records deleted")
+            )
+            continue
+        records = repo.audit_records(conn, chain, seq - 1, 1)
+        record = records[0] if records else None
+        if record is None or record.seq != seq or not hmac.compare_digest(bytes(record.hash), digest):
+            problems.append(Problem(chain, seq, "the anchored record is missing or was changed"))
+    return problems

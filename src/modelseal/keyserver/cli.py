@@ -55,6 +55,9 @@ def _translate() -> Iterator[None]:
     except OSError as exc:
         _say(f"error: {exc.strerror or exc}: {exc.filename or ''}")
         raise typer.Exit(7) from None
+    except ValueError as exc:  # a malformed argument or input file
+        _say(f"error: {exc}")
+        raise typer.Exit(EXIT_SETTINGS) from None
 
 
 def _open(env_file: Path | None, *, migrate: bool, bootstrap: bool = False, **overrides: object) -> KeyServer:
@@ -167,13 +170,38 @@ def revoke_token(token_id: Annotated[str, typer.Argument(help="adm_… id.")], e
 
 
 @app.command("audit-verify")
-def audit_verify(env_file: EnvFile = None) -> None:
-    """Verify the audit hash chain; print each problem as a JSON line; exit 1 if any."""
+def audit_verify(
+    anchor: Annotated[
+        list[Path] | None, typer.Option("--anchor", help="Check against an anchor file written earlier (repeatable).")
+    ] = None,
+    write_anchor: Annotated[
+        Path | None,
+        typer.Option(
+            "--write-anchor", help="If the log verifies, write its current heads here; keep it off the server."
+        ),
+    ] = None,
+    env_file: EnvFile = None,
+) -> None:
+    """Verify the audit hash chain; print each problem as a JSON line; exit 1 if any.
+
+    The chain shows any edited, inserted, reordered or deleted record, except the newest ones
+    deleted together with a rewrite of the head row; an anchor written earlier and kept where
+    the server's operator cannot change it shows those too, back to the anchor."""
     with _translate():
-        problems = _open(env_file, migrate=False).verify_audit()
+        anchors = []
+        for path in anchor or []:
+            try:
+                anchors.append(json.loads(path.read_text(encoding="utf-8")))
+            except ValueError:
+                raise ValueError(f"{path} is not an audit anchor file") from None
+        server = _open(env_file, migrate=False)
+        problems = server.verify_audit(anchors)
         for p in problems:
             print(json.dumps(p.to_dict(), sort_keys=True))
         if problems:
             _say(f"audit log: {len(problems)} problem(s)")
             raise typer.Exit(EXIT_AUDIT_PROBLEMS)
         _say("audit log: OK")
+        if write_anchor is not None:
+            write_anchor.write_text(json.dumps(server.audit_anchor(), indent=2) + "\n", encoding="utf-8")
+            _say(f"wrote the audit anchor {write_anchor}")

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -1385,9 +1386,17 @@ class KeyServer:
         items = [_audit_view(r._mapping) for r in rows[:limit]]
         return items, (items[-1]["seq"] if len(rows) > limit else None)
 
-    def verify_audit(self) -> list[audit.Problem]:
+    def verify_audit(self, anchors: Sequence[Any] = ()) -> list[audit.Problem]:
+        """Problems in the audit log (spec §12.4), also against anchors written earlier."""
         with self.db.read() as conn:
-            return audit.verify(conn, self.secrets.audit_key)
+            problems = audit.verify(conn, self.secrets.audit_key)
+            for anchored in anchors:
+                problems += audit.check_anchor(conn, anchored)
+            return problems
+
+    def audit_anchor(self) -> dict[str, Any]:
+        with self.db.read() as conn:
+            return audit.anchor(conn)
 
 
 def _policy_view(row: Any, models: list[str]) -> dict[str, Any]:
