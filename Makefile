@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 FUZZ_SECONDS ?= 30
 
-.PHONY: demo test sysdeps lint typecheck unit fuzz bench clean
+.PHONY: demo test sysdeps lint typecheck unit fuzz bench bench-keyserver clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ fuzz: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_container.py
+
+# Key server load (docs/benchmarks.md): open loop at the target rate, then closed-loop capacity.
+bench-keyserver: $(STAMP) sysdeps
+	$(BIN)/python benchmarks/bench_keyserver.py --backend sqlite --workers 2 --rate 1000
+	$(BIN)/python benchmarks/bench_keyserver.py --backend all --workers 1 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
