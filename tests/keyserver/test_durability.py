@@ -295,7 +295,9 @@ def _serves_normally(server: Server, token: str, setup: dict[str, Any], acked: A
     assert r.status_code == 200, r.text
 
 
-def test_sigkill_under_load_loses_nothing_acknowledged(backend: str, database_url: str, tmp_path: Path) -> None:
+def server_env(tmp_path: Path, backend: str, database_url: str) -> tuple[Path, dict[str, str]]:
+    """A working directory and a clean environment for a server on ``database_url``, with the
+    rate limits out of the way (the load is all from one address)."""
     workdir = tmp_path / "work"
     workdir.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELSEAL")}
@@ -308,6 +310,11 @@ def test_sigkill_under_load_loses_nothing_acknowledged(backend: str, database_ur
     }
     if backend == "postgres":
         env["MODELSEAL_KS_MASTER_KEY"] = LocalKey.generate()[1]  # only a local SQLite file may generate one
+    return workdir, env
+
+
+def test_sigkill_under_load_loses_nothing_acknowledged(backend: str, database_url: str, tmp_path: Path) -> None:
+    workdir, env = server_env(tmp_path, backend, database_url)
 
     server = Server(workdir, env, tmp_path / "serve-0.log")
     try:

@@ -459,3 +459,37 @@ def test_revocation_between_checks_and_commit_is_caught_in_the_write(
         assert conn.execute(text("SELECT COUNT(*) FROM usage_days")).scalar_one() == 0
     assert ("grant.denied", expected.code) in _events(keyserver, admin)
     assert ("grant.issued", None) not in _events(keyserver, admin)
+
+
+def test_grant_waits_for_a_revocation_in_progress_and_is_refused(
+    keyserver: KeyServer, admin: Admin, setup: dict[str, Any]
+) -> None:
+    """A revocation that has changed the licence row but not committed yet: the grant's write unit
+    waits for it (PostgreSQL: its shared lock on the licence row; SQLite: the write lock), then
+    sees it and refuses, so no grant is audited after the revocation."""
+    import threading
+
+    s = setup
+    req = _grant_request(keyserver, s["device"], s["device_id"], s["model_id"], s["kc"])
+    revoker = keyserver.db.engine.connect()
+    revoker.execution_options(sqlite_begin="IMMEDIATE")  # SQLite: take the write lock now
+    revoker.begin()
+    revoker.execute(
+        text("UPDATE licences SET revoked_at = 1, revoke_reason = 'x' WHERE id = :i"), {"i": s["lic"].licence_id}
+    )
+    outcome: list[object] = []
+    worker = threading.Thread(target=lambda: outcome.append(_try(lambda: keyserver.issue_grant(s["lic"], req))))
+    worker.start()
+    worker.join(0.5)
+    assert worker.is_alive()  # waiting for the revocation's transaction
+    revoker.commit()
+    revoker.close()
+    worker.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], errors.LicenceRevoked)
+
+
+def _try(fn: Any) -> object:
+    try:
+        return fn()
+    except errors.DomainError as exc:
+        return exc

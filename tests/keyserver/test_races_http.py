@@ -18,9 +18,8 @@ from sqlalchemy import create_engine, text
 
 from modelseal._private.encoding import b64decode, b64encode
 from modelseal.keyserver.client import ACTIVATION_ROUTE, DeviceKey, activation_body
-from modelseal.keyserver.crypto import LocalKey
 
-from .test_durability import NO_LIMIT, Server, _admin, _audit_verify, _setup
+from .test_durability import Server, _admin, _audit_verify, _setup, server_env
 
 CLIENTS = 200
 
@@ -49,18 +48,7 @@ def _race(requests: list[dict[str, Any]]) -> list[tuple[int, str | None]]:
 
 
 def test_200_http_clients_race_on_a_real_two_worker_server(backend: str, database_url: str, tmp_path: Path) -> None:
-    workdir = tmp_path / "work"
-    workdir.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELSEAL")}
-    env |= {
-        "MODELSEAL_KS_DATA_DIR": str(tmp_path / "data"),
-        "MODELSEAL_KS_DATABASE_URL": database_url,
-        "MODELSEAL_KS_RATE_ACTIVATE_IP": NO_LIMIT,
-        "MODELSEAL_KS_RATE_ACTIVATE_LICENCE": NO_LIMIT,
-        "MODELSEAL_KS_RATE_AUTH_FAIL_IP": NO_LIMIT,
-    }
-    if backend == "postgres":
-        env["MODELSEAL_KS_MASTER_KEY"] = LocalKey.generate()[1]
+    workdir, env = server_env(tmp_path, backend, database_url)
     server = Server(workdir, env, tmp_path / "serve.log")
     try:
         base = server.base

@@ -406,12 +406,15 @@ def own_model_ids(conn: Connection, publisher_id: str, model_ids: Sequence[str])
 # cache key instead of rebuilding an expression tree per call (most of a grant's CPU otherwise).
 _LICENCE_BY_ID = _Fast(select(t.licences).where(t.licences.c.id == bindparam("id_")))
 _LICENCE_BY_ID_LOCKED = _Fast(_LICENCE_BY_ID.stmt.with_for_update())
+_LICENCE_BY_ID_SHARED = _Fast(_LICENCE_BY_ID.stmt.with_for_update(read=True))
 
 
-def licence_by_id(conn: Connection, licence_id: str, *, lock: bool = False) -> Any:
-    """The licence row; ``lock`` takes its row lock until commit (PostgreSQL ``FOR UPDATE``; SQLite
-    already holds the database write lock in a write unit)."""
-    stmt = _LICENCE_BY_ID_LOCKED if lock and conn.dialect.name != "sqlite" else _LICENCE_BY_ID
+def licence_by_id(conn: Connection, licence_id: str, *, lock: bool = False, shared: bool = False) -> Any:
+    """The licence row; ``lock`` takes its row lock until commit (PostgreSQL ``FOR UPDATE``, or
+    ``FOR SHARE`` with ``shared``; SQLite already holds the database write lock in a write unit)."""
+    stmt = _LICENCE_BY_ID
+    if lock and conn.dialect.name != "sqlite":
+        stmt = _LICENCE_BY_ID_SHARED if shared else _LICENCE_BY_ID_LOCKED
     return stmt.first(conn, {"id_": licence_id})
 
 

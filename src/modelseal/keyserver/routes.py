@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -45,6 +47,18 @@ def _model_id(model_id: str) -> str:
     if not is_id(model_id, "mdl"):
         raise NotFound("no such model")
     return model_id
+
+
+@contextmanager
+def _counting_auth_failures(server: KeyServer, ip: str) -> Iterator[None]:
+    """Count every 401 against the client's address (spec §14): once over its window, its
+    failures become 429 ``rate-limited``."""
+    try:
+        yield
+    except DomainError as exc:
+        if exc.status == 401:
+            server.note_auth_failure(ip)  # raises rate-limited once this IP is over its window
+        raise
 
 
 @router.get("/healthz", tags=["health"])
@@ -165,7 +179,7 @@ def activate(server: KeyServerDep, request: Request, response: Response) -> dict
     """Register a device under a licence (spec §7.3). Checks in the order of spec §7.1."""
     ip, presented = client_ip(request), bearer(request)
     server.rate_limit_activation(ip, presented)
-    try:
+    with _counting_auth_failures(server, ip):
         licence = server.authenticate_licence(presented)
         raw = request.state.raw_body
         req = parse_body(api.Activate, raw)
@@ -182,10 +196,6 @@ def activate(server: KeyServerDep, request: Request, response: Response) -> dict
                 signature=request.headers.get("modelseal-signature"),
             ),
         )
-    except DomainError as exc:
-        if exc.status == 401:
-            server.note_auth_failure(ip)  # raises rate-limited once this IP is over its window
-        raise
     if not result.created:
         response.status_code = 200
     return {
@@ -222,7 +232,7 @@ async def grant(request: Request) -> Response:
     await read_json(request)
     server: KeyServer = request.app.state.keyserver
     ip, presented = client_ip(request), bearer(request)
-    try:
+    with _counting_auth_failures(server, ip):
         raw = request.state.raw_body
         try:
             req = parse_body(api.GrantIn, raw)
@@ -243,10 +253,6 @@ async def grant(request: Request) -> Response:
             signed = server.grant_with_licence_key(presented, grant_request)
         else:  # network round trips to PostgreSQL: let other requests use the wait
             signed = await run_in_threadpool(server.grant_with_licence_key, presented, grant_request)
-    except DomainError as exc:
-        if exc.status == 401:
-            server.note_auth_failure(ip)  # raises rate-limited once this IP is over its window
-        raise
     return Response(json.dumps(signed, separators=(",", ":")), media_type="application/json")
 
 
@@ -273,7 +279,7 @@ _TOKEN_ERRORS: dict[int | str, dict[str, Any]] = {
 def redeem_grant_token(server: KeyServerDep, request: Request) -> dict[str, Any]:
     """A signed grant for a one-time token (spec §7.5, §9); a token redeems once."""
     ip, presented = client_ip(request), bearer(request)
-    try:
+    with _counting_auth_failures(server, ip):
         server.authenticate_grant_token(presented)  # authentication before the body (spec §7.1)
         req = parse_body(api.GrantTokenRedeem, request.state.raw_body)
         return server.redeem_grant_token(
@@ -282,10 +288,6 @@ def redeem_grant_token(server: KeyServerDep, request: Request) -> dict[str, Any]
             model_id=req.model_id,
             key_commitment=b64decode(req.key_commitment),
         )
-    except DomainError as exc:
-        if exc.status == 401:
-            server.note_auth_failure(ip)
-        raise
 
 
 @router.post(
@@ -324,17 +326,13 @@ def offline_request(server: KeyServerDep, request: Request) -> dict[str, Any]:
     """Answer an air-gapped device's request file with a signed response file (spec §7.9, §11)."""
     ip, presented = client_ip(request), bearer(request)
     server.rate_limit_activation(ip, presented)  # it may activate a device: the same limits
-    try:
+    with _counting_auth_failures(server, ip):
         licence = server.authenticate_licence(presented)
         try:
             request_file = loads_strict(request.state.raw_body, section="request body")
         except FormatError as exc:
             raise MalformedRequest(exc.detail, fields=["$"]) from None
         return server.process_offline(licence, request_file)
-    except DomainError as exc:
-        if exc.status == 401:
-            server.note_auth_failure(ip)
-        raise
 
 
 @router.post(

@@ -967,6 +967,11 @@ class KeyServer:
             # when it matches nothing do we read why. An offline request is used once by its hash
             # instead (spec §11), so it checks revocation without consuming a timestamp.
             ts = request.ts if consume_ts else None
+            if conn.dialect.name != "sqlite":
+                # PostgreSQL: hold the licence row (shared) until commit, so a revocation waits for
+                # this grant instead of committing under it and being audited before it. (On
+                # SQLite the write lock already serialises every writer.)
+                repo.licence_by_id(conn, licence.licence_id, lock=True, shared=True)
             if not repo.use_device_request(conn, device.id, licence.licence_id, ts, now):
                 current = repo.licence_by_id(conn, licence.licence_id)
                 if current is None or current.revoked_at is not None:
