@@ -117,7 +117,6 @@ def _first_line(exc: BaseException) -> str:
 # --- ONNX Runtime -----------------------------------------------------------------------
 
 
-# Files beside a graph that are never ONNX external data (configs, tokenizers, docs).
 def _external_buffer(model: SealedModel, entry: str, np: Any) -> Any:
     """A read-only numpy view of ``entry`` decrypted: over a sealed in-memory file where there
     is one (filled with ``pwrite``, faster here than faulting in fresh heap pages), else a heap
@@ -137,6 +136,7 @@ def _external_buffer(model: SealedModel, entry: str, np: Any) -> Any:
 
 
 _ORT_USE_BUFFERS_DIRECTLY = "session.use_external_initializer_file_buffers_directly"
+# Files beside a graph that are never ONNX external data (configs, tokenizers, docs).
 _NOT_EXTERNAL_DATA = (".onnx", ".json", ".txt", ".md", ".model", ".py")
 
 
@@ -202,7 +202,10 @@ def load_onnx(
                     model_bytes, options, providers=providers, provider_options=provider_options
                 )
             except Exception as exc:  # ORT raises pybind11 exception types without a common base
-                buffers.clear()  # an in-memory file's pages go with its last mapping
+                for buf in buffers:  # heap buffers are ours to wipe; a memfd's pages go with its mapping
+                    if buf.flags.writeable:
+                        buf.fill(0)
+                buffers.clear()
                 message = _first_line(exc)
                 if "external data" in message.lower():
                     message = f"external data missing or invalid: {message}"

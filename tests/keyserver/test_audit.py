@@ -257,6 +257,24 @@ def test_anchor_detects_a_changed_anchored_record_and_rejects_junk(
     [problem] = logged.verify_audit([forged])
     assert "missing or was changed" in problem.problem
     junk = tmp_path / "junk.json"
-    junk.write_text('{"type": "something-else"}')
-    result = CliRunner().invoke(cli_app, ["keyserver", "audit-verify", "--anchor", str(junk)], env=_env(settings))
-    assert result.exit_code != 0 and "anchor" in result.stderr
+    for text_ in ('{"type": "something-else"}', '{"type": "modelseal-audit-anchor", "v": 1, "heads": []}'):
+        junk.write_text(text_)
+        result = CliRunner().invoke(cli_app, ["keyserver", "audit-verify", "--anchor", str(junk)], env=_env(settings))
+        assert result.exit_code == 2 and "anchor" in result.stderr
+
+
+def test_driver_errors_on_the_fast_path_keep_their_meaning(logged: KeyServer) -> None:
+    """Statements run on the DBAPI cursor (repository._Fast) still raise SQLAlchemy's exception
+    types, so a unique violation becomes ``Conflict`` and the log is unchanged."""
+    from modelseal.keyserver import repository as repo
+    from modelseal.keyserver.errors import Conflict
+
+    with logged.db.read() as conn:
+        head = repo.lock_audit_head(conn, 0)
+        [last] = repo.audit_records(conn, 0, head.seq - 1, 1)
+    duplicate = dict(last._mapping)
+    with pytest.raises(Conflict):
+        logged.db.write(lambda conn: repo.append_audit(conn, duplicate))
+    assert logged.verify_audit() == []
+    with logged.db.read() as conn:
+        assert repo.lock_audit_head(conn, 0).seq == head.seq

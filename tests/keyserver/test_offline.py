@@ -11,7 +11,7 @@ import pytest
 
 import modelseal
 from modelseal.keyserver import offline
-from modelseal.keyserver.client import KeyServerUnwrapper
+from modelseal.keyserver.client import DeviceKey, KeyServerUnwrapper
 
 from ..models import mlp_onnx
 from .live import admin_token, serve
@@ -117,12 +117,17 @@ def test_tampered_or_moved_cache_entries_are_ignored(tmp_path: Path) -> None:
     [grant_file] = (home / "grants").rglob("*.grant")
     original = grant_file.read_text()
 
-    # Moved to another slot (another key commitment): the path is bound into the encryption.
-    other = grant_file.with_name("00" * 32 + ".grant")
-    grant_file.rename(other)
+    # A file encrypted for another slot, put in this one: the path is bound into the encryption,
+    # so it does not decrypt here, and is removed.
+    device = DeviceKey.load(home / "device.key")
+    state = offline.State(home, device.identity._key.private_bytes_raw(), device.x25519_public)
+    rel = str(grant_file.relative_to(home))
+    other_rel = str(Path(rel).with_name("00" * 32 + ".grant"))
+    state.write(other_rel, state.read(rel) or {})  # the same valid grant, sealed for the other path
+    (home / other_rel).replace(grant_file)
     with pytest.raises(modelseal.KeyServerUnreachable):
         _open(sealed, home)
-    other.unlink(missing_ok=True)
+    assert not grant_file.exists()
 
     # One changed character anywhere in the body: ignored and removed.
     grant_file.write_text(original[:40] + ("A" if original[40] != "A" else "B") + original[41:])

@@ -68,7 +68,10 @@ def create_app(settings: Settings | None = None, *, keyserver: KeyServer | None 
         # (fewer pauses in the middle of a grant).
         gc.set_threshold(100_000, 50, 100)
         keyserver.db.start_checkpoints()
-        yield
+        try:
+            yield
+        finally:
+            keyserver.db.stop_checkpoints()
 
     app = FastAPI(
         lifespan=lifespan,

@@ -192,9 +192,11 @@ def check_anchor(conn: Connection, anchored: Any) -> list[Problem]:
     together with a rewritten head row, which the chain alone cannot (spec §12.4)."""
     if not isinstance(anchored, dict) or anchored.get("type") != ANCHOR_TYPE or anchored.get("v") != 1:
         raise ValueError("not an audit anchor file")
+    if not isinstance(anchored.get("heads"), list) or not anchored["heads"]:
+        raise ValueError("not an audit anchor file (no heads)")
     heads = {h.chain: h for h in repo.audit_heads(conn)}
     problems = []
-    for item in anchored.get("heads", []):
+    for item in anchored["heads"]:
         try:
             chain, seq, digest = int(item["chain"]), int(item["seq"]), base64.b64decode(item["hash"], validate=True)
         except (KeyError, TypeError, ValueError):

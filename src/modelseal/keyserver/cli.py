@@ -195,7 +195,7 @@ def audit_verify(
             except ValueError:
                 raise ValueError(f"{path} is not an audit anchor file") from None
         server = _open(env_file, migrate=False)
-        problems = server.verify_audit(anchors)
+        problems, current = server.verify_and_anchor(anchors)
         for p in problems:
             print(json.dumps(p.to_dict(), sort_keys=True))
         if problems:
@@ -203,5 +203,5 @@ def audit_verify(
             raise typer.Exit(EXIT_AUDIT_PROBLEMS)
         _say("audit log: OK")
         if write_anchor is not None:
-            write_anchor.write_text(json.dumps(server.audit_anchor(), indent=2) + "\n", encoding="utf-8")
+            write_anchor.write_text(json.dumps(current, indent=2) + "\n", encoding="utf-8")
             _say(f"wrote the audit anchor {write_anchor}")

@@ -7,6 +7,7 @@ contention after retries → :class:`Busy`); nothing above this module sees SQLA
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import random
 import threading
@@ -37,6 +38,9 @@ RETRIES = 3
 _PG_RETRY_STATES = {"40001", "40P01", "55P03"}  # serialization failure, deadlock, lock not available
 
 
+log = logging.getLogger("modelseal.keyserver")
+
+
 class Database:
     """An engine plus the ``read()`` and ``write()`` units of work of spec §5.3."""
 
@@ -56,6 +60,7 @@ class Database:
         self._thread_lock = threading.Lock()
         self._background_checkpoints = False
         self._checkpointer: threading.Thread | None = None
+        self._stop_checkpoints = threading.Event()
         self._lock_fd: int | None = None
         self._lock_pid = 0
         if self.is_sqlite:
@@ -76,8 +81,9 @@ class Database:
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
                 if self._background_checkpoints:
-                    cur.execute("PRAGMA wal_autocheckpoint=0")
-                    cur.execute("PRAGMA journal_size_limit=67108864")
+                    # The background thread checkpoints; the automatic one stays as a backstop at
+                    # 16x its default size, should the thread fall behind or stop.
+                    cur.execute("PRAGMA wal_autocheckpoint=16000")
                 cur.close()
 
             @event.listens_for(self.engine, "begin")
@@ -102,25 +108,36 @@ class Database:
         if not self.is_sqlite or self._checkpointer is not None:
             return
         self._background_checkpoints = True
-        self.engine.dispose()  # connections opened from now on skip the automatic checkpoint
+        self.engine.dispose()  # connections opened from now on get the larger backstop size
+
+        stop = self._stop_checkpoints = threading.Event()
 
         def run() -> None:
-            while self._background_checkpoints:
-                time.sleep(interval_s)
+            failures = 0
+            while not stop.wait(interval_s):
                 try:
                     raw = self.engine.raw_connection()  # autocommit: a checkpoint runs outside BEGIN
                     try:
                         raw.cursor().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                     finally:
                         raw.close()
-                except Exception:  # a busy or closed database: try again next time
-                    continue
+                    failures = 0
+                except Exception as exc:  # a busy or closed database: try again next time
+                    failures += 1
+                    if failures in (10, 1000):  # persistent: say so (the autocheckpoint backstop holds)
+                        log.warning("SQLite background checkpoint failing (%d times): %s", failures, exc)
 
         self._checkpointer = threading.Thread(target=run, name="sqlite-checkpoint", daemon=True)
         self._checkpointer.start()
 
+    def stop_checkpoints(self) -> None:
+        self._stop_checkpoints.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join(timeout=5)
+        self._checkpointer = None
+
     def dispose(self) -> None:
-        self._background_checkpoints = False
+        self.stop_checkpoints()
         self.engine.dispose()
         if self._lock_fd is not None and self._lock_pid == os.getpid():
             os.close(self._lock_fd)
@@ -235,16 +252,17 @@ class _Fast:
 
     def __init__(self, stmt: Any) -> None:
         self.stmt = stmt
-        self._compiled: dict[tuple[str, tuple[str, ...]], tuple[str, dict[str, Any], tuple[str, ...] | None]] = {}
+        self._compiled: dict[tuple[Any, ...], tuple[str, dict[str, Any], tuple[str, ...] | None]] = {}
         self._rows: dict[tuple[str, ...], Any] = {}
 
     def _get(self, dialect: Any, keys: tuple[str, ...]) -> tuple[str, dict[str, Any], tuple[str, ...] | None]:
-        found = self._compiled.get((dialect.name, keys))
+        cache_key = (dialect.name, dialect.driver, dialect.paramstyle, keys)  # drivers differ in paramstyle
+        found = self._compiled.get(cache_key)
         if found is None:
             compiled = self.stmt.compile(dialect=dialect, column_keys=list(keys) or None)
             order = tuple(compiled.positiontup) if compiled.positional else None
             defaults = {name: bind.value for name, bind in compiled.binds.items() if not bind.required}
-            found = self._compiled[(dialect.name, keys)] = (str(compiled), defaults, order)
+            found = self._compiled[cache_key] = (str(compiled), defaults, order)
         return found
 
     def execute(self, conn: Connection, params: dict[str, Any], *, columns: tuple[str, ...] = ()) -> Any:
@@ -698,3 +716,8 @@ def claim_offline_request(conn: Connection, request_hash: bytes, now: int) -> bo
     stmt = dialect.insert(t.offline_requests).values(request_hash=request_hash, processed_at=now)
     stmt = stmt.on_conflict_do_nothing(index_elements=["request_hash"]).returning(t.offline_requests.c.request_hash)
     return conn.execute(stmt).first() is not None  # (psycopg reports no rowcount for DO NOTHING)
+
+
+def release_offline_request(conn: Connection, request_hash: bytes) -> None:
+    """Forget a claimed offline request whose processing failed for a reason of the server's own."""
+    conn.execute(t.offline_requests.delete().where(t.offline_requests.c.request_hash == request_hash))

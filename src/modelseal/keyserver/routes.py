@@ -280,10 +280,10 @@ def redeem_grant_token(server: KeyServerDep, request: Request) -> dict[str, Any]
     """A signed grant for a one-time token (spec §7.5, §9); a token redeems once."""
     ip, presented = client_ip(request), bearer(request)
     with _counting_auth_failures(server, ip):
-        server.authenticate_grant_token(presented)  # authentication before the body (spec §7.1)
+        token = server.authenticate_grant_token(presented)  # authentication before the body (spec §7.1)
         req = parse_body(api.GrantTokenRedeem, request.state.raw_body)
-        return server.redeem_grant_token(
-            presented,
+        return server.redeem_authenticated(
+            token,
             x25519_pk=b64decode(req.x25519_public_key),
             model_id=req.model_id,
             key_commitment=b64decode(req.key_commitment),

@@ -47,6 +47,7 @@ from .crypto import (
     server_secret_aad,
 )
 from .errors import (
+    Busy,
     Conflict,
     DeviceLimitReached,
     DeviceMismatch,
@@ -1136,6 +1137,12 @@ class KeyServer:
             DeviceMismatch / DeviceRevoked / UsageLimitReached: policy denials, audited as ``token.denied``.
         """
         token = self.authenticate_grant_token(presented)
+        return self.redeem_authenticated(token, x25519_pk=x25519_pk, model_id=model_id, key_commitment=key_commitment)
+
+    def redeem_authenticated(
+        self, token: Any, *, x25519_pk: bytes, model_id: str, key_commitment: bytes
+    ) -> dict[str, str]:
+        """:meth:`redeem_grant_token` for a token row :meth:`authenticate_grant_token` returned."""
         try:
             return self._redeem(token, x25519_pk, model_id, key_commitment)
         except _TOKEN_DENIALS as exc:
@@ -1266,6 +1273,15 @@ class KeyServer:
                 raise RequestAlreadyUsed("this request file was processed before")
 
         self.db.write(claim)
+        try:
+            return self._process_claimed(licence, req, request_hash)
+        except (Busy, KeyUnavailable):
+            # Not an answer about the request: give the file back, so that the device's round trip
+            # over the air gap is not spent on a busy database.
+            self.db.write(lambda conn: repo.release_offline_request(conn, request_hash))
+            raise
+
+    def _process_claimed(self, licence: LicenceAuth, req: dict[str, Any], request_hash: bytes) -> dict[str, Any]:
         x_pk, ed_pk = b64decode(req["x25519_public_key"], length=32), b64decode(req["ed25519_public_key"], length=32)
         fp = b64decode(req["fingerprint"], length=32)
         activation = self._activate_checked(
@@ -1393,15 +1409,15 @@ class KeyServer:
 
     def verify_audit(self, anchors: Sequence[Any] = ()) -> list[audit.Problem]:
         """Problems in the audit log (spec §12.4), also against anchors written earlier."""
+        return self.verify_and_anchor(anchors)[0]
+
+    def verify_and_anchor(self, anchors: Sequence[Any] = ()) -> tuple[list[audit.Problem], dict[str, Any]]:
+        """:meth:`verify_audit` and, from the same snapshot, the anchor of what was verified."""
         with self.db.read() as conn:
             problems = audit.verify(conn, self.secrets.audit_key)
             for anchored in anchors:
                 problems += audit.check_anchor(conn, anchored)
-            return problems
-
-    def audit_anchor(self) -> dict[str, Any]:
-        with self.db.read() as conn:
-            return audit.anchor(conn)
+            return problems, audit.anchor(conn)
 
 
 def _policy_view(row: Any, models: list[str]) -> dict[str, Any]:
