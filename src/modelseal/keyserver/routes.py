@@ -224,16 +224,29 @@ _GRANT_ERRORS: dict[int | str, dict[str, Any]] = {
 async def grant(request: Request) -> Response:
     """A signed key grant for a registered device (spec §7.4, §8). Checks in the order of spec §7.1.
 
-    The hot path runs on the event loop, not in the thread pool: a grant is a few hundred
+    On SQLite the whole grant runs on the event loop, not in the thread pool: it is a few hundred
     microseconds of CPU and short local statements, and the thread hop (with its GIL hand-offs)
-    cost more than the work (docs/benchmarks.md). For the same reason it takes no FastAPI
-    dependencies: it reads the body and the server itself.
+    cost more than the work (docs/benchmarks.md). On PostgreSQL, where every statement is a
+    network round trip, it runs in the thread pool so that other requests use the waits. For the
+    same reason it takes no FastAPI dependencies: it reads the body and the server itself.
     """
     await read_json(request)
     server: KeyServer = request.app.state.keyserver
-    ip, presented = client_ip(request), bearer(request)
+    work = (
+        request.state.raw_body,
+        bearer(request),
+        request.headers.get("modelseal-signature"),
+        client_ip(request),
+    )
+    if server.db.is_sqlite:
+        signed = _grant(server, *work)
+    else:
+        signed = await run_in_threadpool(_grant, server, *work)
+    return Response(json.dumps(signed, separators=(",", ":")), media_type="application/json")
+
+
+def _grant(server: KeyServer, raw: bytes, presented: str | None, signature: str | None, ip: str) -> dict[str, str]:
     with _counting_auth_failures(server, ip):
-        raw = request.state.raw_body
         try:
             req = parse_body(api.GrantIn, raw)
         except DomainError:
@@ -247,13 +260,9 @@ async def grant(request: Request) -> Response:
             key_commitment=b64decode(req.key_commitment),
             fingerprint=b64decode(req.fingerprint),
             raw_body=raw,
-            signature=request.headers.get("modelseal-signature"),
+            signature=signature,
         )
-        if server.db.is_sqlite:  # local statements: cheaper inline than through a thread
-            signed = server.grant_with_licence_key(presented, grant_request)
-        else:  # network round trips to PostgreSQL: let other requests use the wait
-            signed = await run_in_threadpool(server.grant_with_licence_key, presented, grant_request)
-    return Response(json.dumps(signed, separators=(",", ":")), media_type="application/json")
+        return server.grant_with_licence_key(presented, grant_request)
 
 
 _TOKEN_ERRORS: dict[int | str, dict[str, Any]] = {
