@@ -127,6 +127,31 @@ def register(app: typer.Typer, translate: Any) -> None:
     )
     app.add_typer(licence_app, name="licence")
     app.add_typer(device_app, name="device")
+    model_app = typer.Typer(help="Create and list models on a key server (admin token).", no_args_is_help=True)
+    app.add_typer(model_app, name="model")
+
+    @model_app.command("create")
+    def model_create(
+        name: Annotated[str, typer.Argument(help="A name, unique for this publisher.")],
+        server: ServerOpt = None,
+        admin_token: TokenOpt = None,
+        admin_token_file: TokenFileOpt = None,
+    ) -> None:
+        """Create a model; prints its id (mdl_…)."""
+        with translate(), _admin_client(server, admin_token, admin_token_file) as client:
+            _, result = client.request("POST", "/v1/admin/models", json={"name": name})
+            print(result["id"])
+
+    @model_app.command("list")
+    def model_list(
+        server: ServerOpt = None,
+        admin_token: TokenOpt = None,
+        admin_token_file: TokenFileOpt = None,
+    ) -> None:
+        """List this publisher's models (JSON)."""
+        with translate(), _admin_client(server, admin_token, admin_token_file) as client:
+            _print(client.items("/v1/admin/models", {}))
+
     offline_app = typer.Typer(
         help="Air-gapped activation and renewal through request and response files.", no_args_is_help=True
     )

@@ -80,3 +80,31 @@ def test_unreachable_server_is_exit_11(tmp_path: Path) -> None:
     assert code == 11, err
     code, _, _ = _cli(tmp_path, base, "x", "activate", "--licence", "MSEAL-LICENCE:" + "A" * 70)
     assert code == 11
+
+
+def test_model_commands(live: tuple[str, str], tmp_path: Path) -> None:
+    base, token = live
+    code, out, err = _cli(tmp_path, base, token, "model", "create", "vision-v1")
+    assert code == 0, err
+    model_id = out.strip()
+    assert model_id.startswith("mdl_")
+    code, out, _ = _cli(tmp_path, base, token, "model", "list")
+    assert [(m["id"], m["name"]) for m in json.loads(out)] == [(model_id, "vision-v1")]
+    code, _, err = _cli(tmp_path, base, token, "model", "create", "vision-v1")
+    assert code == 10 and "conflict" in err  # names are unique per publisher
+    code, _, err = _cli(tmp_path, base, "MSEAL-ADMIN:nope", "model", "list")
+    assert code == 10 and "invalid-credential" in err
+
+
+def test_master_key_file(tmp_path: Path) -> None:
+    from modelseal.keyserver.crypto import LocalKey
+
+    path = tmp_path / "keys" / "master.key"
+    r = CliRunner().invoke(cli_app, ["keyserver", "master-key", str(path)])
+    assert r.exit_code == 0, r.stderr
+    assert path.stat().st_mode & 0o777 == 0o600
+    LocalKey.parse(path.read_text().strip(), allow_dev=False)  # a usable key
+    before = path.read_text()
+    r = CliRunner().invoke(cli_app, ["keyserver", "master-key", str(path)])
+    assert r.exit_code == 2 and "never overwritten" in r.stderr
+    assert path.read_text() == before

@@ -169,6 +169,22 @@ def revoke_token(token_id: Annotated[str, typer.Argument(help="adm_… id.")], e
         _say(f"revoked {token_id}")
 
 
+@app.command("master-key")
+def master_key(
+    output: Annotated[Path, typer.Argument(help="The file to create (0600; an existing file is never overwritten).")],
+) -> None:
+    """Generate a master key file for MODELSEAL_KS_MASTER_KEY_FILE (keep a copy offline: losing it
+    loses every escrowed content key)."""
+    with _translate():
+        from .crypto import write_master_key_file
+
+        try:
+            write_master_key_file(output)
+        except FileExistsError:
+            raise ValueError(f"{output} exists; a master key file is never overwritten") from None
+        _say(f"wrote a new master key to {output}")
+
+
 @app.command("audit-verify")
 def audit_verify(
     anchor: Annotated[
