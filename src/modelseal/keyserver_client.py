@@ -215,6 +215,40 @@ def register(app: typer.Typer, translate: Any) -> None:
             print(f"licence {result['licence']['id']}; its key (shown once):", file=sys.stderr)
             print(result["licence_key"])
 
+    @licence_app.command("update")
+    def licence_update(
+        licence_id: Annotated[str, typer.Argument(help="lic_… id.")],
+        model: Annotated[list[str] | None, typer.Option("--model", help="Replace the models (repeatable).")] = None,
+        max_devices: Annotated[int | None, typer.Option("--max-devices", help="Devices that may activate.")] = None,
+        expires: Annotated[str | None, typer.Option("--expires", help="Expiry date, or 'never'.")] = None,
+        opens_per_day: Annotated[
+            str | None, typer.Option("--opens-per-day", help="Grants per UTC day, or 'unlimited'.")
+        ] = None,
+        offline_grace: Annotated[str | None, typer.Option("--offline-grace", help="Offline grace, e.g. 3d.")] = None,
+        recheck: Annotated[str | None, typer.Option("--recheck", help="Recheck interval, e.g. 1h.")] = None,
+        grant_ttl: Annotated[str | None, typer.Option("--grant-ttl", help="Grant lifetime, e.g. 1d.")] = None,
+        label: Annotated[str | None, typer.Option("--label", help="A note on who the licence is for.")] = None,
+        server: ServerOpt = None,
+        admin_token: TokenOpt = None,
+        admin_token_file: TokenFileOpt = None,
+    ) -> None:
+        """Change a licence in place (its key, devices and grants stay); prints the licence (JSON)."""
+        with translate(), _admin_client(server, admin_token, admin_token_file) as client:
+            policy: dict[str, Any] = {}
+            if model:
+                policy["models"] = _model_ids(client, model)
+            if max_devices is not None:
+                policy["max_devices"] = max_devices
+            if expires is not None:
+                policy["expires_at"] = None if expires == "never" else parse_time(expires)
+            if opens_per_day is not None:
+                policy["opens_per_day"] = None if opens_per_day == "unlimited" else int(opens_per_day)
+            durations = {"offline_grace_s": offline_grace, "recheck_interval_s": recheck, "grant_ttl_s": grant_ttl}
+            policy |= {key: parse_duration(value) for key, value in durations.items() if value is not None}
+            body: dict[str, Any] = {"policy": policy} | ({"label": label} if label else {})
+            _, result = client.request("PATCH", f"/v1/admin/licences/{licence_id}", json=body)
+            _print(result)
+
     @licence_app.command("list")
     def licence_list(
         status: Annotated[str, typer.Option("--status", help="active, revoked, expired or all.")] = "all",

@@ -8,6 +8,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -108,3 +109,27 @@ def test_master_key_file(tmp_path: Path) -> None:
     r = CliRunner().invoke(cli_app, ["keyserver", "master-key", str(path)])
     assert r.exit_code == 2 and "never overwritten" in r.stderr
     assert path.read_text() == before
+
+
+def test_licence_update_command(live: tuple[str, str], tmp_path: Path) -> None:
+    base, token = live
+    assert _cli(tmp_path, base, token, "model", "create", "m")[0] == 0
+    code, out, err = _cli(tmp_path, base, token, "licence", "create", "--model", "m", "--max-devices", "1",
+                          "--expires", "2099-01-01", "--opens-per-day", "5")  # fmt: skip
+    assert code == 0, err
+    [listed] = json.loads(_cli(tmp_path, base, token, "licence", "list")[1])
+    code, out, err = _cli(tmp_path, base, token, "licence", "update", listed["id"], "--max-devices", "3",
+                          "--expires", "never", "--opens-per-day", "unlimited", "--recheck", "2h",
+                          "--label", "site B")  # fmt: skip
+    assert code == 0, err
+    policy = json.loads(out)["policy"]
+    assert (policy["max_devices"], policy["expires_at"], policy["opens_per_day"]) == (3, None, None)
+    assert policy["recheck_interval_s"] == 7200 and json.loads(out)["label"] == "site B"
+    code, _, err = _cli(tmp_path, base, token, "licence", "update", listed["id"], "--grant-ttl", "1h")
+    assert code == 10 and "malformed-request" in err  # recheck 2h would exceed the grant lifetime
+    r = httpx.patch(
+        f"{base}/v1/admin/licences/{listed['id']}",
+        json={"policy": {"max_devices": 2, "colour": "red"}},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "malformed-request"

@@ -14,6 +14,7 @@ from sqlalchemy import text
 from modelseal._private.encoding import b64decode, b64encode
 from modelseal.keyserver import errors
 from modelseal.keyserver.app import create_app
+from modelseal.keyserver.crypto import make_id
 from modelseal.keyserver.services import ActivationRequest, Admin, KeyServer, LicenceAuth, Policy
 from modelseal.keyserver.settings import Settings
 from modelseal.keyserver_client import ACTIVATION_ROUTE, DeviceKey, activation_body
@@ -472,3 +473,38 @@ def test_http_activation_rate_limits(settings: Settings, keyserver: KeyServer, a
         assert codes == ["invalid-licence", "invalid-licence", "rate-limited", "rate-limited"]
         r = c.post(ACTIVATION_ROUTE, json={}, headers=headers)
         assert r.status_code == 429 and 1 <= int(r.headers["Retry-After"]) <= 60
+
+
+def test_update_licence_in_place(keyserver: KeyServer, admin: Admin, model_id: str) -> None:
+    """PATCH (spec §7.7): limits change for the next request; key, devices and grants stay."""
+    view, key = _licence(keyserver, admin, model_id, max_devices=1, expires_at=2_000_000_000)
+    lic = keyserver.authenticate_licence(key)
+    _activate(keyserver, lic, DeviceKey.generate())
+    with pytest.raises(errors.DeviceLimitReached):
+        _activate(keyserver, lic, DeviceKey.generate())
+
+    updated = keyserver.update_licence(admin, view["id"], {"max_devices": 2, "expires_at": None}, label="acme, 2 seats")
+    assert updated["policy"]["max_devices"] == 2 and updated["policy"]["expires_at"] is None
+    assert updated["label"] == "acme, 2 seats" and updated["active_devices"] == 1
+    _activate(keyserver, keyserver.authenticate_licence(key), DeviceKey.generate())  # the same key works
+
+    with pytest.raises(errors.Conflict):  # below the active devices
+        keyserver.update_licence(admin, view["id"], {"max_devices": 1})
+    with pytest.raises(errors.MalformedRequest):
+        keyserver.update_licence(admin, view["id"], {"recheck_interval_s": 7200, "grant_ttl_s": 3600})
+    with pytest.raises(errors.MalformedRequest):
+        keyserver.update_licence(admin, view["id"], {"max_devices": None})
+    other = keyserver.create_model(admin, "other").id
+    assert keyserver.update_licence(admin, view["id"], {"models": [other, model_id]})["policy"]["models"] == sorted(
+        [other, model_id]
+    )
+    with pytest.raises(errors.NotFound):
+        keyserver.update_licence(admin, view["id"], {"models": [make_id("mdl", bytes(16))]})
+    foreign = keyserver.create_publisher("someone-else")
+    _, token = keyserver.create_admin_token(foreign)
+    with pytest.raises(errors.NotFound):
+        keyserver.update_licence(keyserver.authenticate_admin(token), view["id"], {"max_devices": 3})
+
+    assert keyserver.get_licence(admin, view["id"])["policy"]["max_devices"] == 2  # refusals changed nothing
+    assert [e for e in _events(keyserver, admin) if e[0] == "licence.updated"] == [("licence.updated", None)] * 2
+    assert keyserver.verify_audit() == []

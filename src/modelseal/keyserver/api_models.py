@@ -128,3 +128,21 @@ class GrantTokenRedeem(Strict):
     x25519_public_key: B64_32
     model_id: ModelId
     key_commitment: B64_32
+
+
+class PolicyPatch(Strict):
+    """A partial ``Policy`` for ``PATCH /v1/admin/licences/{id}`` (spec §7.7): fields left out keep
+    their value; ``expires_at: null`` removes the expiry."""
+
+    models: Annotated[list[ModelId], Field(min_length=1, max_length=1000)] | None = None
+    max_devices: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    expires_at: Time | None = None
+    opens_per_day: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+    offline_grace_s: Annotated[int, Field(ge=0, le=31_536_000)] | None = None
+    recheck_interval_s: Annotated[int, Field(ge=60, le=2_592_000)] | None = None
+    grant_ttl_s: Annotated[int, Field(ge=60, le=31_536_000)] | None = None
+
+
+class LicencePatch(Strict):
+    label: Text128 | None = None
+    policy: PolicyPatch = PolicyPatch()

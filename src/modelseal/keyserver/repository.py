@@ -473,6 +473,14 @@ def list_licences(
     return conn.execute(stmt.order_by(lic.c.id).limit(limit)).all()
 
 
+def update_licence(conn: Connection, licence_id: str, values: dict[str, Any], models: Sequence[str] | None) -> None:
+    conn.execute(update(t.licences).where(t.licences.c.id == licence_id).values(**values))
+    if models is not None:
+        lm = t.licence_models
+        conn.execute(lm.delete().where(lm.c.licence_id == licence_id))
+        conn.execute(insert(lm), [{"licence_id": licence_id, "model_id": m} for m in models])
+
+
 def revoke_licence(conn: Connection, licence_id: str, reason: str, now: int) -> bool:
     lic = t.licences
     stmt = (

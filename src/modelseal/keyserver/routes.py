@@ -386,6 +386,24 @@ def get_licence(admin: AdminDep, server: KeyServerDep, licence_id: str) -> dict[
     return server.get_licence(admin, _checked_id(licence_id, "lic", "licence"))
 
 
+@router.patch(
+    "/v1/admin/licences/{licence_id}",
+    dependencies=[Depends(read_json)],
+    openapi_extra=json_body_docs(api.LicencePatch),
+    responses=_ERRORS,
+)
+def update_licence(
+    admin: AdminDep,
+    server: KeyServerDep,
+    licence_id: str,
+    req: Annotated[api.LicencePatch, Depends(body(api.LicencePatch))],
+) -> dict[str, Any]:
+    """Change a licence's policy or label in place (spec §7.7); ``null`` clears ``expires_at`` and
+    ``opens_per_day``."""
+    changes = req.policy.model_dump(exclude_unset=True)
+    return server.update_licence(admin, _checked_id(licence_id, "lic", "licence"), changes, label=req.label)
+
+
 @router.post(
     "/v1/admin/licences/{licence_id}/revoke",
     dependencies=[Depends(read_json)],

@@ -733,6 +733,55 @@ class KeyServer:
         items = [self._licence_view(r, models[r.id]) for r in rows[:limit]]
         return items, (items[-1]["id"] if len(rows) > limit else None)
 
+    def update_licence(
+        self, admin: Admin, licence_id: str, changes: dict[str, Any], *, label: str | None = None
+    ) -> dict[str, Any]:
+        """Change a licence's policy (any of :class:`Policy`'s fields) and label, in place: the
+        licence key, its devices and its grants stay; new limits apply from the next request.
+
+        Raises:
+            NotFound: not this publisher's licence, or a model that is not theirs.
+            Conflict: ``max_devices`` below the devices already active (revoke some first).
+            MalformedRequest: ``recheck_interval_s`` would exceed ``grant_ttl_s``.
+        """
+        fields = {"max_devices", "expires_at", "opens_per_day", "offline_grace_s", "recheck_interval_s", "grant_ttl_s"}
+        if not set(changes) <= fields | {"models"}:
+            raise MalformedRequest(
+                "unknown policy fields", fields=sorted(f"$.policy.{k}" for k in set(changes) - fields)
+            )
+        cleared = [k for k, v in changes.items() if v is None and k not in ("expires_at", "opens_per_day")]
+        if cleared:
+            raise MalformedRequest(
+                "only expires_at and opens_per_day can be cleared", fields=[f"$.policy.{k}" for k in cleared]
+            )
+
+        def unit(conn: Connection) -> None:
+            row = repo.licence_by_id(conn, licence_id, lock=True)
+            if row is None or row.publisher_id != admin.publisher_id:
+                raise NotFound("no such licence")
+            merged = {k: changes.get(k, getattr(row, k)) for k in fields}
+            if merged["recheck_interval_s"] > merged["grant_ttl_s"]:
+                raise MalformedRequest(
+                    "recheck_interval_s must not exceed grant_ttl_s", fields=["$.policy.recheck_interval_s"]
+                )
+            if merged["max_devices"] < row.active_devices:
+                raise Conflict(f"{row.active_devices} devices are active; revoke some before lowering max_devices")
+            models = sorted(set(changes["models"])) if "models" in changes else None
+            if models is not None and repo.own_model_ids(conn, admin.publisher_id, models) != set(models):
+                raise NotFound("no such model")
+            repo.update_licence(
+                conn, licence_id, {k: merged[k] for k in fields} | {"label": label or row.label}, models
+            )
+            current = models if models is not None else repo.licence_models(conn, [licence_id])[licence_id]
+            detail = {"label": label, "policy": _policy_detail(Policy(models=tuple(current), **merged), current)}
+            event = AuditEvent(
+                "licence.updated", admin.token_id, publisher_id=admin.publisher_id, licence_id=licence_id, detail=detail
+            )
+            self._audit(conn, event)
+
+        self.db.write(unit)
+        return self.get_licence(admin, licence_id)
+
     def revoke_licence(self, admin: Admin, licence_id: str, reason: str) -> dict[str, Any]:
         """Revoke a licence (idempotent); every later activation and grant under it is refused."""
 
