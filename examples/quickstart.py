@@ -3,20 +3,26 @@
 Builds a small real ONNX model, seals it for a device and signs it as the
 publisher, inspects and verifies it without any key, opens it in memory and runs
 it in ONNX Runtime (no plaintext written anywhere), then shows that a tampered
-copy and a wrong key are refused. Everything lands in ./demo-output/.
+copy and a wrong key are refused. Then the same with a key server on a local
+SQLite file: a licence for one device, activation, a grant on open, a refused
+second device, a one-time token, revocation and the audit log. Everything lands
+in ./demo-output/.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
@@ -30,10 +36,10 @@ def step(title: str) -> None:
     console.rule(f"[bold cyan]{title}")
 
 
-def cli(*args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, expect: int = 0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "modelseal", *args]
     console.print(f"[dim]$ modelseal {shlex.join(args)}[/]")
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, **(env or {})})
     if proc.stdout.strip():
         console.print(proc.stdout.rstrip(), highlight=False)
     if proc.stderr.strip():
@@ -95,6 +101,8 @@ def main() -> None:
     cli("verify", str(sealed), "--signer", publisher)
 
     step("5. The device opens it in memory and runs it: no plaintext byte touches the disk")
+    import onnxruntime as ort  # after modelseal, which turns ONNX Runtime's telemetry file off
+
     x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
     identity = modelseal.Identity.load(OUT / "device.key")
     session = modelseal.load_onnx(sealed, identity=identity, require_signer=publisher)
@@ -121,7 +129,95 @@ def main() -> None:
     cli("keygen", "-o", str(OUT / "other.key"))
     cli("open", str(sealed), "-i", str(OUT / "other.key"), "-o", str(OUT / "never.onnx"), expect=6)
 
+    keyserver_demo(model_path, x, plain_out)
     console.rule("[bold green]demo complete")
+
+
+def keyserver_demo(model_path: Path, x: np.ndarray, expected: np.ndarray) -> None:
+    """Steps 9-13: the same model behind a key server on a local SQLite file."""
+    step("9. A key server on a local SQLite file (dev mode, this machine only)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    workdir = OUT / "keyserver"
+    workdir.mkdir()
+    server_env = {k: v for k, v in os.environ.items() if not k.startswith("MODELSEAL")}
+    server_env["MODELSEAL_KS_PUBLIC_URL"] = url
+    console.print(f"[dim]$ modelseal keyserver serve --dev --port {port}   (in {workdir})[/]")
+    log = (OUT / "keyserver.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "modelseal", "keyserver", "serve", "--dev", "--port", str(port)],
+        cwd=workdir, env=server_env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        else:
+            raise SystemExit(f"demo failed: the key server did not start (see {OUT / 'keyserver.log'})")
+        token = (workdir / "modelseal-keyserver" / "admin-token").read_text().strip()
+        publisher = {"MODELSEAL_KEYSERVER": url, "MODELSEAL_ADMIN_TOKEN": token}
+        console.print(f"serving {url}; SQLite database, master key and admin token in {workdir}/modelseal-keyserver/")
+
+        step("10. Publisher: register the model, seal it for the server, sell a licence for one device")
+        cli("model", "create", "demo-classifier", env=publisher)
+        sealed = OUT / "classifier-ks.mseal"
+        cli("seal", str(model_path), "-o", str(sealed), "--keyserver", url, "--model", "demo-classifier", env=publisher)
+        licence = cli("licence", "create", "--model", "demo-classifier", "--max-devices", "1",
+                      "--offline-grace", "3d", "--label", "Acme", env=publisher).stdout.strip()  # fmt: skip
+
+        step("11. Device: activate, then open straight into ONNX Runtime through a grant")
+        device = {"MODELSEAL_KEYSERVER": url, "MODELSEAL_HOME": str(OUT / "device-state")}
+        cli("activate", "--licence", licence, env=device)
+        os.environ["MODELSEAL_HOME"] = device["MODELSEAL_HOME"]
+        try:
+            session = modelseal.load_onnx(sealed, keyserver=url, providers=["CPUExecutionProvider"])
+        finally:
+            del os.environ["MODELSEAL_HOME"]
+        assert np.array_equal(session.run(None, {"x": x})[0], expected)
+        console.print("predictions identical to the plaintext model; the grant is cached, encrypted, for offline use")
+        other = {"MODELSEAL_KEYSERVER": url, "MODELSEAL_HOME": str(OUT / "second-device-state")}
+        cli("activate", "--licence", licence, env=other, expect=10)  # device-limit-reached
+
+        step("12. A one-time token: opens the model once, on a machine with no activation")
+        [lic] = httpx.get(url + "/v1/admin/licences", headers={"Authorization": f"Bearer {token}"}).json()["items"]
+        grant_token = cli("grant-token", "create", "--licence", lic["id"], "--model", "demo-classifier",
+                          "--expires", "10m", env=publisher).stdout.strip()  # fmt: skip
+        os.environ["MODELSEAL_HOME"] = str(OUT / "token-machine")  # a machine with no device key
+        try:
+            for attempt in (1, 2):
+                console.print(
+                    f"[dim]>>> modelseal.open(sealed, keyserver=url, grant_token=...)  # attempt {attempt}[/]"
+                )
+                try:
+                    with modelseal.open(sealed, keyserver=url, grant_token=grant_token) as opened:
+                        name = opened.files[0]
+                        console.print(f"opened: {name} ({opened.size(name):,} bytes, in memory)")
+                except modelseal.LicenceError as exc:
+                    console.print(f"refused: {exc.code}", style="yellow")
+                    assert attempt == 2 and exc.code == "token-already-redeemed"
+        finally:
+            del os.environ["MODELSEAL_HOME"]
+
+        step("13. Revoke the licence; every decision is in a hash-chained audit log")
+        cli("licence", "revoke", lic["id"], "--reason", "demo over", env=publisher)
+        cli("activate", "--licence", licence, env=other, expect=10)  # licence-revoked
+        console.print(f"[dim]$ modelseal keyserver audit-verify   (in {workdir})[/]")
+        verify = subprocess.run(
+            [sys.executable, "-m", "modelseal", "keyserver", "audit-verify"],
+            cwd=workdir, env={**server_env, "MODELSEAL_KS_DEV": "true"}, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        console.print(verify.stderr.strip(), style="green" if verify.returncode == 0 else "red")
+        if verify.returncode != 0:
+            raise SystemExit("demo failed: the audit log does not verify")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
 
 
 if __name__ == "__main__":
