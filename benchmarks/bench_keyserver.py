@@ -85,11 +85,13 @@ from typing import Any
 import modelseal
 from modelseal.keyserver.client import KeyServerRecipient
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' PostgreSQL harness
+from tests.keyserver.pgharness import PostgresServer, pgbin
+
 TARGET_GRANTS_S = 1000.0
 TARGET_P99_MS = 50.0
 GRANT_ROUTE = "/v1/grants"
 UNLIMITED_OPENS = 2**31 - 1  # usage upsert on the path (spec §17.4), never the limit
-PG_PASSWORD = "not-a-default-bench"  # trust auth ignores it; the settings check wants a non-default one
 PHASES = ("healthz", "server-info", "grant")
 OPEN_DRAIN_S = 2.0  # open loop: how long after the window a connection still sends its overdue requests
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -152,57 +154,6 @@ def machine_cpu() -> tuple[float, float]:
 
 
 # --- PostgreSQL (as tests/keyserver/conftest.py, spec §17.2) ------------------------------------
-
-
-def pg_bin() -> Path | None:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
-    if found:
-        return found[-1].parent
-    initdb = shutil.which("initdb")
-    return Path(initdb).parent if initdb else None
-
-
-class Postgres:
-    """A throwaway cluster on a unix socket; PostgreSQL refuses root, so it runs as ``postgres`` then."""
-
-    def __init__(self, pgbin: Path) -> None:
-        self.pgbin = pgbin
-        # Not under a 0700 root-owned tree: the postgres user must reach its directory.
-        self.root = Path(tempfile.mkdtemp(prefix="modelseal-bench-pg-"))
-        self.data, self.sock, self.log = self.root / "data", self.root / "sock", self.root / "log"
-        self.as_postgres = os.geteuid() == 0
-
-    def _run(self, *args: str) -> None:
-        cmd = [str(self.pgbin / args[0]), *args[1:]]
-        if self.as_postgres:
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if done.returncode:
-            raise RuntimeError(f"{args[0]} failed ({done.returncode}): {done.stderr or done.stdout}")
-
-    def start(self) -> None:
-        self.sock.mkdir()
-        if self.as_postgres:
-            shutil.chown(self.root, "postgres")
-            shutil.chown(self.sock, "postgres")
-        self._run("initdb", "-D", str(self.data), "-U", "modelseal", "-A", "trust", "-E", "UTF8", "--no-sync")
-        opts = f"-k {self.sock} -c listen_addresses='' -c max_connections=300 -c fsync=on"
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "start", "-o", opts)
-
-    def stop(self) -> None:
-        if (self.data / "postmaster.pid").exists():
-            self._run("pg_ctl", "-D", str(self.data), "-w", "stop", "-m", "fast")
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def pid(self) -> int:
-        return int((self.data / "postmaster.pid").read_text().split()[0])
-
-    def fresh_database(self, name: str) -> str:
-        import psycopg
-
-        with psycopg.connect(f"host={self.sock} user=modelseal dbname=postgres", autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {name}")
-        return f"postgresql+psycopg://modelseal:{PG_PASSWORD}@/{name}?host={self.sock}"
 
 
 # --- the server under test ----------------------------------------------------------------------
@@ -784,9 +735,11 @@ def audit_verify(server: Server) -> tuple[int, str]:
     return done.returncode, (done.stderr.strip().splitlines() or [""])[-1]
 
 
-def run_config(backend: str, workers: int, args: argparse.Namespace, pg: Postgres | None, index: int) -> dict[str, Any]:
+def run_config(
+    backend: str, workers: int, args: argparse.Namespace, pg: PostgresServer | None, index: int
+) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"modelseal-bench-ks-{backend}-{workers}-"))
-    url = pg.fresh_database(f"bench_{index}_{workers}") if pg is not None else None
+    url = pg.fresh_database() if pg is not None else None
     extra_env = dict(kv.split("=", 1) for kv in args.server_env)
     server = Server(work, workers, url, extra_env, args.server_cpus)
     out: dict[str, Any] = {"backend": backend, "workers": workers, "workdir": str(work)}
@@ -1007,19 +960,20 @@ def main() -> int:
     backends = ["sqlite", "postgres"] if args.backend == "all" else [args.backend]
     info = machine_info()
     results: list[dict[str, Any]] = []
-    pg: Postgres | None = None
+    pg: PostgresServer | None = None
     try:
         for b_index, backend in enumerate(backends):
             if backend == "postgres":
-                pgbin = pg_bin()
-                if pgbin is None:
+                found = pgbin()
+                if found is None:
                     if args.backend == "postgres":
                         log("error: PostgreSQL binaries not found (make sysdeps installs them)")
                         return 2
                     log("PostgreSQL binaries not found: postgres skipped (make sysdeps installs them)")
                     continue
-                pg = Postgres(pgbin)
-                log(f"starting PostgreSQL from {pgbin} in {pg.root}")
+                # Not under a 0700 root-owned tree: the postgres user must reach its directory.
+                pg = PostgresServer(Path(tempfile.mkdtemp(prefix="modelseal-bench-pg-")), found)
+                log(f"starting PostgreSQL from {found} in {pg.root}")
                 pg.start()
             for workers in args.workers:
                 try:
@@ -1029,7 +983,9 @@ def main() -> int:
                     results.append({"backend": backend, "workers": workers, "phases": {}, "failed": str(exc)})
     finally:
         if pg is not None:
-            pg.stop()
+            if (pg.data / "postmaster.pid").exists():
+                pg.stop()
+            shutil.rmtree(pg.root, ignore_errors=True)
     report(results, args, info)
     if args.json:
         args.json.write_text(
