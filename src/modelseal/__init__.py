@@ -39,6 +39,8 @@ from .loaders import load_safetensors as load_safetensors
 from .loaders import load_torch as load_torch
 from .loaders import load_transformers as load_transformers
 from .loaders import open_safetensors as open_safetensors
+from .marks import read_marks as read_marks
+from .marks import write_marks as write_marks
 
 open = open_sealed  # noqa: A001 - ``modelseal.open`` is the documented name
 
@@ -87,7 +89,9 @@ __all__ = [
     "open",
     "open_safetensors",
     "open_sealed",
+    "read_marks",
     "rewrap",
     "seal",
     "verify",
+    "write_marks",
 ]

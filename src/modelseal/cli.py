@@ -324,6 +324,26 @@ def inspect(
 
 
 @_command
+def mark(
+    path: Annotated[Path, typer.Argument(help="An .onnx or .safetensors file (or a container, to read).")],
+    owner: Annotated[str | None, typer.Option(help="Owner.")] = None,
+    copyright: Annotated[str | None, typer.Option(help="Copyright notice.")] = None,  # noqa: A002
+    license: Annotated[str | None, typer.Option(help="Licence terms.")] = None,  # noqa: A002
+    meta: Annotated[list[str] | None, typer.Option("--meta", help="Another mark, KEY=VALUE (repeatable).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of in place.")] = None,
+) -> None:
+    """Write ownership marks into a model file's own metadata, or show them (no options)."""
+    from . import marks
+
+    new = _metadata(meta, owner=owner, copyright=copyright, license=license)
+    if new:
+        written = marks.write_marks(path, new, output)
+        print(f"marked {written}", file=sys.stderr)
+        path = written
+    print(json.dumps(marks.read_marks(path), indent=2, sort_keys=True, ensure_ascii=False))
+
+
+@_command
 def verify(
     path: Annotated[Path, typer.Argument(help="Container (or any shard of it).")],
     signer: Annotated[str, typer.Option("--signer", help="Publisher's mseal-ed25519:... key.")],
