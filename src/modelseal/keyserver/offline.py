@@ -87,7 +87,7 @@ class Clock:
 
 @dataclass(frozen=True)
 class Usable:
-    """A cached grant that verified, and what the time rules allow for it."""
+    """A cached grant that decrypted, verified and is bound to the slot asked for."""
 
     grant: dict[str, Any]
     signed: dict[str, str]
