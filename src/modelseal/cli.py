@@ -6,6 +6,7 @@ Library errors are translated to messages and exit codes in one place
     0 ok · 1 other modelseal error · 2 usage · 3 FormatError · 4 IntegrityError
     5 SignatureError · 6 WrongKeyError · 7 file system error (missing file, permission)
     8 ModelLoadError · 9 UnsafeModelError · 10 key server refused · 11 key server unreachable
+    12 OwnershipError · 13 SuspectError · 14 ownership not proven · 15 inconclusive (verify commands)
 """
 
 from __future__ import annotations
@@ -479,6 +480,16 @@ def _add_keyserver_client() -> None:
 
 
 _add_keyserver_client()
+
+
+def _add_ownership() -> None:
+    # ownership_cli imports only typer at module level; numpy, torch and scipy load when a command runs.
+    from .ownership_cli import register
+
+    register(app, _translate)
+
+
+_add_ownership()
 
 
 def main() -> None:

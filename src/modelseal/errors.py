@@ -18,7 +18,9 @@ __all__ = [
     "IntegrityError",
     "ModelLoadError",
     "ModelSealError",
+    "OwnershipError",
     "SignatureError",
+    "SuspectError",
     "UnsafeModelError",
     "WrongKeyError",
 ]
@@ -87,3 +89,20 @@ class UnsafeModelError(ModelLoadError):
     """The file would run code when loaded (a pickle with more than tensors): refused."""
 
     exit_code = 9
+
+
+class OwnershipError(ModelSealError):
+    """Ownership evidence cannot be checked as given: a watermark key that does not match its
+    commitment, a commitment whose signature fails, a calibration made for other evidence."""
+
+    exit_code = 12
+
+
+class SuspectError(ModelSealError):
+    """A suspect model could not be queried: an endpoint that errors, times out or answers in a
+    shape the mapping does not describe, or a query budget that is spent.
+
+    Verification turns this into an *inconclusive* verdict with the reason, never "not shown".
+    """
+
+    exit_code = 13
