@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 FUZZ_SECONDS ?= 30
 
-.PHONY: demo test sysdeps lint typecheck unit fuzz bench bench-keyserver clean
+.PHONY: demo test sysdeps lint typecheck unit fuzz bench bench-keyserver bench-removal clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ bench: $(STAMP)
 bench-keyserver: $(STAMP) sysdeps
 	$(BIN)/python benchmarks/bench_keyserver.py --backend sqlite --workers 2 --rate 1000
 	$(BIN)/python benchmarks/bench_keyserver.py --backend all --workers 1 2
+
+# Ownership proof against removal attacks (docs/ownership.md): about 2-3 minutes on 2 cores.
+bench-removal: $(STAMP)
+	$(BIN)/modelseal lab removal --out docs/removal
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -150,7 +150,8 @@ def test_spec_round_trip_and_validation() -> None:
 def test_default_families_depend_on_shape_and_classes() -> None:
     assert triggers.default_families((1, 8, 8), 10) == (("uniform", 100),)
     assert triggers.default_families((3, 8, 8), 2) == (("uniform", 300),)
-    assert triggers.default_families((30,), 2) == (("noise", 300), ("stamp", 100))
+    assert triggers.default_families((30,), 2) == (("noise", 400),)
+    assert triggers.default_families((30,), 5) == (("noise", 200),)
 
 
 def test_chance_null_is_exact_over_keys() -> None:

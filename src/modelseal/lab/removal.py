@@ -58,7 +58,7 @@ class RemovalConfig:
     train_epochs: int = 60
     families: tuple[tuple[str, int], ...] | None = None  # None: the library's default for the data
     embed_epochs: int = 100
-    embed_seeds: int = 3  # the accuracy cost of embedding is averaged over this many victims
+    embed_seeds: int = 5  # the accuracy cost of embedding is averaged over this many victims
     embed_lr: float = 1e-3
     fingerprint_probes: int = 200
     finetune_fractions: tuple[float, ...] = (0.1, 0.3)
@@ -264,8 +264,8 @@ def _fold(cal: NullCalibration, rows: Sequence[int]) -> NullCalibration:
 
 def _embed(
     dataset: Dataset, arch: str, config: RemovalConfig, seed: int, signer: SigningKey
-) -> tuple[float, nn.Module, OwnershipKey, Watermark]:
-    """Train a clean victim and watermark a copy: (clean accuracy, watermarked model, key, record)."""
+) -> tuple[float, nn.Module, OwnershipKey, Watermark, nn.Module]:
+    """Train a clean victim and watermark a copy: (clean accuracy, watermarked model, key, record, clean)."""
     key = OwnershipKey(subkey(seed.to_bytes(8, "big"), f"lab/removal/{dataset.name}/{arch}"))
     clean = models.build(arch, dataset.input_shape, dataset.num_classes, seed=seed + 1)
     models.train(clean, dataset.x_train, dataset.y_train, epochs=config.train_epochs, seed=seed + 1)
@@ -282,7 +282,13 @@ def _embed(
         lr=config.embed_lr,
         seed=seed + 2,
     )
-    return models.accuracy(clean, dataset.x_test, dataset.y_test), marked, key, wm
+    return models.accuracy(clean, dataset.x_test, dataset.y_test), marked, key, wm, clean
+
+
+def _held_out_accuracy(model: nn.Module, dataset: Dataset) -> float:
+    x = np.concatenate([dataset.x_test, dataset.x_pool])
+    y = np.concatenate([dataset.y_test, dataset.y_pool])
+    return models.accuracy(model, x, y)
 
 
 def _run_victim(
@@ -295,7 +301,10 @@ def _run_victim(
     label = f"{dataset.name}/{arch}"
     signer = SigningKey.generate()
     embeds = [_embed(dataset, arch, config, config.seed + 10 * i, signer) for i in range(config.embed_seeds)]
-    clean_acc, marked, key, wm = embeds[0]
+    clean_acc, marked, key, wm, _ = embeds[0]
+    # The embedding cost is measured on all held-out labelled data (test set and the attacker's pool,
+    # which no victim trains on): a 114-row breast-cancer test set alone moves in 0.9-point steps.
+    held_out = [(_held_out_accuracy(clean, dataset), m) for clean, m in ((e[4], e[1]) for e in embeds)]
     fp = record_fingerprint(
         marked,
         key,
@@ -305,7 +314,7 @@ def _run_victim(
         count=config.fingerprint_probes,
     )
     marked_acc = models.accuracy(marked, dataset.x_test, dataset.y_test)
-    costs = [acc - models.accuracy(m, dataset.x_test, dataset.y_test) for acc, m, _, _ in embeds]
+    costs = [clean_held_out - _held_out_accuracy(m, dataset) for clean_held_out, m in held_out]
     progress(
         f"{label}: clean {clean_acc:.4f}, watermarked {marked_acc:.4f} ({wm.embedded_match_rate:.1%} of triggers); "
         f"embedding cost over {len(costs)} victims: {', '.join(f'{100 * c:+.2f}' for c in costs)} points"
@@ -430,7 +439,7 @@ def _targets(report: dict[str, Any], config: RemovalConfig) -> list[dict[str, An
         rows.append(
             {
                 "victim": label,
-                "target": "embedding costs <= 1 point of test accuracy (mean over victims)",
+                "target": "embedding costs <= 1 point of accuracy (held-out data, mean over victims)",
                 "met": v["embed_cost"] <= 0.01 + 1e-9,
                 "value": f"{100 * v['embed_cost']:+.2f} points ("
                 + ", ".join(f"{100 * c:+.2f}" for c in v["embed_costs"])
@@ -514,6 +523,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
         null_fp = [_log10p(r["fingerprint_p"]) for r in v["null"]["rows"]]
         ax1.axhline(max(null_wm + null_fp), color="grey", linestyle=":", label="strongest reference model")
         ax1.set_yscale("symlog", linthresh=10)
+        ax1.set_ylim(bottom=0)
         ax1.set_xticks(xs, names, rotation=60, ha="right", fontsize=8)
         ax1.set_ylabel("-log10 p (higher = stronger evidence)")
         ax1.set_title(f"{v['dataset']} / {v['arch']}: evidence after each attack")
@@ -532,12 +542,44 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
         fig.savefig(image, dpi=110)
         plt.close(fig)
         images.append(image)
+        images.append(_strength_plot(v, alpha, out / f"strength-{label}.png"))
     written += images
     md = _markdown(report)
     (out / "report.md").write_text(md, encoding="utf-8")
     (out / "report.html").write_text(_html(md, images), encoding="utf-8")
     written += [out / "report.md", out / "report.html"]
     return written
+
+
+def _strength_plot(victim: dict[str, Any], alpha: float, path: Path) -> Path:
+    """Evidence and accuracy against attack strength, for the attacks that have a strength."""
+    import matplotlib.pyplot as plt
+
+    families = [("prune", "fraction of weights pruned"), ("fine-tune", "fraction of training data")]
+    fig, axes = plt.subplots(1, len(families), figsize=(12, 4))
+    for ax, (attack, xlabel) in zip(axes, families, strict=True):
+        rows = sorted((a for a in victim["attacks"] if a["attack"] == attack), key=lambda a: a["strength"])
+        copy_row = next(a for a in victim["attacks"] if a["attack"] == "copy")
+        rows = [{**copy_row, "strength": 0.0}, *rows]
+        xs = [a["strength"] for a in rows]
+        ax.plot(xs, [_log10p(a["watermark"]["p_value"]) for a in rows], "o-", label="watermark -log10 p")
+        ax.plot(xs, [_log10p(a["fingerprint"]["p_value"]) for a in rows], "s-", label="fingerprint -log10 p")
+        ax.axhline(-math.log10(alpha), color="red", linestyle="--", label=f"alpha = {alpha:g}")
+        ax.set_yscale("symlog", linthresh=10)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("-log10 p")
+        twin = ax.twinx()
+        twin.plot(xs, [100 * a["accuracy"] for a in rows], "^:", color="tab:green", label="accuracy (%)")
+        twin.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{victim['dataset']} / {victim['arch']}: {attack}")
+        lines = ax.get_legend_handles_labels()
+        more = twin.get_legend_handles_labels()
+        ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -564,7 +606,7 @@ def _markdown(report: dict[str, Any]) -> str:
             f"## {v['dataset']} / {v['arch']}",
             "",
             f"Clean accuracy {v['clean_accuracy']:.4f}, watermarked {v['watermarked_accuracy']:.4f} "
-            f"(embedding cost {100 * v['embed_cost']:+.2f} points, mean of "
+            f"(embedding cost on all held-out data {100 * v['embed_cost']:+.2f} points, mean of "
             f"{', '.join(f'{100 * c:+.2f}' for c in v['embed_costs'])} over independently trained victims); "
             "the watermarked model answers "
             f"{v['embedded_match_rate']:.1%} of its triggers.",

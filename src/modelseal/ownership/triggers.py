@@ -35,16 +35,17 @@ MAX_TRIGGERS = 100_000
 def default_families(input_shape: Sequence[int], num_classes: int) -> tuple[tuple[str, int], ...]:
     """The trigger mix the removal benchmark found best (docs/ownership.md has the measurements).
 
-    Images (C, H, W): 100 uniform-noise triggers over the pixel range, far from any natural image.
-    Stamped digits with random targets cost 1-3 points of accuracy on a CNN for no gain in
-    robustness, so images get none by default. Vectors: per-feature noise around the mean (uniform
-    over a standardised range lands so far out that fine-tuning reshapes it easily) and stamps. A
-    task with 2-3 classes gets more triggers: each match is worth log2(K) bits of evidence.
+    Images (C, H, W): uniform noise over the pixel range, far from any natural image. Vectors:
+    per-feature noise around the mean (uniform noise over a standardised range lands so far out
+    that fine-tuning reshapes it easily). Stamped natural inputs cost accuracy on both kinds of data
+    for no gain in robustness, so the default has none; choose them when a suspect may refuse
+    out-of-distribution queries. A task with 2-3 classes gets more triggers: each match is worth
+    log2(K) bits of evidence.
     """
+    few_classes = num_classes <= 3
     if len(input_shape) == 3:
-        return (("uniform", 100 if num_classes > 3 else 300),)
-    scale = 2 if num_classes <= 3 else 1
-    return (("noise", 150 * scale), ("stamp", 50 * scale))
+        return (("uniform", 300 if few_classes else 100),)
+    return (("noise", 400 if few_classes else 200),)
 
 
 @dataclass(frozen=True)

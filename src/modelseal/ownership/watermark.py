@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -162,8 +163,9 @@ def embed_watermark(
 ) -> Watermark:
     """Fine-tune ``model`` (in place) on its training data mixed with key-derived triggers.
 
-    The triggers join the training set once: repeating them (a larger share of each epoch) cost
-    more accuracy in the removal benchmark and was no more robust. Afterwards the commitment
+    The triggers join the training set once, and the training set is repeated when needed so that
+    triggers are at most a quarter of each epoch: a larger share cost more accuracy in the removal
+    benchmark and was no more robust. Afterwards the commitment
     is signed over the key id, the trigger spec, the triggers with their targets, and the
     fine-tuned model's weights.
 
@@ -192,8 +194,9 @@ def embed_watermark(
     spec = TriggerSpec.from_data(x_train, num_classes, families)
     bases = x_train[triggers.stamp_base_indices(key.raw, spec, len(x_train))]
     x_trig, y_trig = triggers.generate(key.raw, spec, bases)
-    mixed_x = np.concatenate([x_train, x_trig])
-    mixed_y = np.concatenate([y_train, y_trig])
+    copies = max(1, math.ceil(3 * len(x_trig) / len(x_train)))  # triggers: at most a quarter of an epoch
+    mixed_x = np.concatenate([*([x_train] * copies), x_trig])
+    mixed_y = np.concatenate([*([y_train] * copies), y_trig])
     _torch.fine_tune(model, mixed_x, mixed_y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
     rate = float(np.mean(_torch.predict(model, x_trig) == y_trig))
     commitment = Commitment.create(
