@@ -66,28 +66,21 @@ class Fingerprint:
         Raises:
             OwnershipError: Altered record, bad signature, calibration for other evidence.
         """
-        from .suspect import as_suspect
-
         self.commitment.check(require_signer=require_signer)
         self._checked()
         if calibration is not None and calibration.evidence_digest != self.commitment.evidence_digest:
             raise OwnershipError("the calibration was made for other evidence than this commitment's")
-        target = as_suspect(suspect)
-        try:
-            return run_test(
-                target,
-                self.probes,
-                self.answers,
-                kind="fingerprint",
-                commitment=self.commitment.digest,
-                chance_rate=None,
-                calibration=calibration,
-                alpha=alpha,
-                budget=budget,
-            )
-        finally:
-            if target is not suspect:
-                target.close()
+        return run_test(
+            suspect,
+            self.probes,
+            self.answers,
+            kind="fingerprint",
+            commitment=self.commitment.digest,
+            chance_rate=None,
+            calibration=calibration,
+            alpha=alpha,
+            budget=budget,
+        )
 
     def calibrate(self, references: Iterable[Any]) -> NullCalibration:
         """Record which probes each reference model (trained independently) answers like the owner."""

@@ -163,7 +163,7 @@ def calibrate_items(
 
 
 def run_test(
-    suspect: Suspect,
+    suspect: Suspect | Any,
     inputs: np.ndarray,
     expected: np.ndarray,
     *,
@@ -174,7 +174,26 @@ def run_test(
     alpha: float,
     budget: int | None,
 ) -> Verdict:
-    """Query ``suspect`` look by look and decide (spec §6)."""
+    """Query ``suspect`` (anything :func:`as_suspect` takes) look by look and decide (spec §6)."""
+    target = as_suspect(suspect)
+    try:
+        return _run_test(target, inputs, expected, kind, commitment, chance_rate, calibration, alpha, budget)
+    finally:
+        if target is not suspect:  # close only what was opened here
+            target.close()
+
+
+def _run_test(
+    suspect: Suspect,
+    inputs: np.ndarray,
+    expected: np.ndarray,
+    kind: str,
+    commitment: str,
+    chance_rate: float | None,
+    calibration: NullCalibration | None,
+    alpha: float,
+    budget: int | None,
+) -> Verdict:
     if not 0 < alpha < 1:
         raise ValueError("alpha must be in (0, 1)")
     if budget is not None and budget <= 0:

@@ -83,27 +83,20 @@ class Watermark:
             OwnershipError: Wrong key, altered record, bad signature, or a calibration made for
                 other evidence.
         """
-        from .suspect import as_suspect
-
         self.commitment.check(require_signer=require_signer)
         x, y = self.triggers(key)
         _check_calibration(calibration, self.commitment)
-        target = as_suspect(suspect)
-        try:
-            return run_test(
-                target,
-                x,
-                y,
-                kind="watermark",
-                commitment=self.commitment.digest,
-                chance_rate=1.0 / self.spec.num_classes,
-                calibration=calibration,
-                alpha=alpha,
-                budget=budget,
-            )
-        finally:
-            if target is not suspect:
-                target.close()
+        return run_test(
+            suspect,
+            x,
+            y,
+            kind="watermark",
+            commitment=self.commitment.digest,
+            chance_rate=1.0 / self.spec.num_classes,
+            calibration=calibration,
+            alpha=alpha,
+            budget=budget,
+        )
 
     def calibrate(self, key: OwnershipKey, references: Iterable[Any]) -> NullCalibration:
         """Record which triggers each reference model (trained without the key) matches."""
