@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from .errors import ModelLoadError
+
 if TYPE_CHECKING:
     import numpy as np
     import torch
@@ -54,6 +56,7 @@ ResponsePathOpt = Annotated[
 ApiKeyHeaderOpt = Annotated[
     str, typer.Option("--api-key-header", help=f"Header for the API key read from ${API_KEY_ENV}.")
 ]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds an HTTP suspect may take per request.")]
 IdentityOpt = Annotated[
     list[Path] | None, typer.Option("--identity", "-i", help="Identity file for a sealed suspect (repeatable).")
 ]
@@ -65,7 +68,11 @@ def _import_factory(spec: str) -> Callable[[], torch.nn.Module]:
         raise ValueError(f"--arch expects module:factory, got {spec!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    factory = getattr(importlib.import_module(module_name), attr, None)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or whatever the module raises while it loads
+        raise ValueError(f"--arch {spec}: cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
+    factory = getattr(module, attr, None)
     if not callable(factory):
         raise ValueError(f"{spec}: no callable {attr!r} in module {module_name!r}")
     return factory  # type: ignore[no-any-return]
@@ -76,16 +83,28 @@ def _torch_model(weights: Path, arch: str | None) -> torch.nn.Module:
 
     if arch is None:
         raise ValueError(f"{weights}: PyTorch weights need --arch module:factory to build the model")
-    model = _import_factory(arch)()
+    factory = _import_factory(arch)
+    try:
+        model = factory()
+    except Exception as exc:  # the user's factory failed
+        raise ValueError(f"--arch {arch}: the factory failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"{arch} did not return a torch.nn.Module")
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    if not weights.is_file():
+        raise FileNotFoundError(2, "no such weights file", str(weights))
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(weights))
-    else:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+            state = load_file(str(weights))
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt file, or a pickle weights_only refuses
+        raise ModelLoadError(str(weights), f"not readable PyTorch weights: {str(exc).splitlines()[0][:200]}") from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{weights} does not fit --arch {arch}: {str(exc).splitlines()[0][:300]}") from None
     return model.eval()
 
 
@@ -99,6 +118,7 @@ def _suspect(
     response_path: str = "outputs",
     api_key_header: str = "Authorization",
     identity: list[Path] | None = None,
+    timeout: float = 10.0,
 ) -> Suspect:
     from .ownership import HttpSuspect, OnnxSuspect, TorchSuspect, sealed_suspect
 
@@ -110,6 +130,7 @@ def _suspect(
             request_template=request_template,
             response_path=response_path,
             budget=budget,
+            timeout=timeout,
         )
     path = Path(spec)
     if ".mseal" in path.name:
@@ -123,6 +144,26 @@ def _suspect(
     if path.suffix in (".pt", ".pth", ".safetensors"):
         return TorchSuspect(_torch_model(path, arch), budget=budget, name=f"torch:{path}")
     raise ValueError(f"{spec}: name an .onnx, .mseal, .pt, .pth or .safetensors file, or an http(s):// URL")
+
+
+def _check_outputs(*paths: Path) -> None:
+    """Before any work: refuse to overwrite, and fail now on a directory that does not exist."""
+    for path in paths:
+        if path.exists():
+            raise ValueError(f"{path} exists; remove it or choose another path")
+        if not path.parent.is_dir():
+            raise FileNotFoundError(2, "no such directory", str(path.parent))
+
+
+def _classes_of(model: torch.nn.Module, x: np.ndarray) -> int:
+    import numpy as np
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.as_tensor(np.asarray(x[:1], dtype="float32")))
+    if out.dim() != 2 or out.shape[1] < 2:
+        raise ValueError(f"the model answers shape {list(out.shape)}; give --num-classes")
+    return int(out.shape[1])
 
 
 def _npz(path: Path, *names: str) -> list[np.ndarray]:
@@ -209,9 +250,7 @@ def register(app: typer.Typer, translate: Callable[[], AbstractContextManager[No
         from .ownership import OwnershipKey, embed_watermark
 
         with translate():
-            for path in (output, record):
-                if path.exists():
-                    raise ValueError(f"{path} exists; remove it or choose another path")
+            _check_outputs(output, record)
             model = _torch_model(weights, arch)
             x, y = _npz(data, "x", "y")
             classes = num_classes if num_classes is not None else int(y.max()) + 1
@@ -251,6 +290,7 @@ def register(app: typer.Typer, translate: Callable[[], AbstractContextManager[No
         response_path: ResponsePathOpt = "outputs",
         api_key_header: ApiKeyHeaderOpt = "Authorization",
         identity: IdentityOpt = None,
+        timeout: TimeoutOpt = 10.0,
     ) -> None:
         """Query a suspect with the watermark's triggers; exit 0 proven, 14 not proven, 15 inconclusive."""
         from .ownership import NullCalibration, OwnershipKey, Watermark
@@ -266,6 +306,7 @@ def register(app: typer.Typer, translate: Callable[[], AbstractContextManager[No
                 response_path=response_path,
                 api_key_header=api_key_header,
                 identity=identity,
+                timeout=timeout,
             )
             with target:
                 verdict = wm.verify(
@@ -276,7 +317,7 @@ def register(app: typer.Typer, translate: Callable[[], AbstractContextManager[No
                     calibration=cal,
                     require_signer=require_signer,
                 )
-        _report(verdict, json_out)
+            _report(verdict, json_out)
 
     @wm_app.command("calibrate")
     def wm_calibrate(
@@ -292,6 +333,7 @@ def register(app: typer.Typer, translate: Callable[[], AbstractContextManager[No
         from .ownership import OwnershipKey, Watermark
 
         with translate():
+            _check_outputs(output)
             wm = Watermark.load(record)
             cal = wm.calibrate(OwnershipKey.load(key), _references(references, arch))
             cal.save(output)
@@ -311,7 +353,7 @@ def register(app: typer.Typer, translate: Callable[[], AbstractContextManager[No
         output: Annotated[Path, typer.Option("--output", "-o", help="Write the fingerprint here.")] = Path(
             "fingerprint.json"
         ),
-        num_classes: Annotated[int, typer.Option("--num-classes")] = 10,
+        num_classes: Annotated[int | None, typer.Option("--num-classes", help="Default: the model's outputs.")] = None,
         count: Annotated[int, typer.Option("--count", help="Number of probes.")] = 200,
     ) -> None:
         """Make boundary probes of a model (no retraining) and sign the record."""
@@ -319,10 +361,11 @@ def register(app: typer.Typer, translate: Callable[[], AbstractContextManager[No
         from .ownership import OwnershipKey, record_fingerprint
 
         with translate():
-            if output.exists():
-                raise ValueError(f"{output} exists; remove it or choose another path")
+            _check_outputs(output)
             model = _torch_model(weights, arch)
             (x,) = _npz(pool, "x")
+            if num_classes is None:
+                num_classes = _classes_of(model, x)
             fp = record_fingerprint(
                 model,
                 OwnershipKey.load(key),
@@ -347,6 +390,7 @@ def register(app: typer.Typer, translate: Callable[[], AbstractContextManager[No
         from .ownership import Fingerprint
 
         with translate():
+            _check_outputs(output)
             cal = Fingerprint.load(record).calibrate(_references(references, arch))
             cal.save(output)
             print(_calibration_line(cal.matches, output))
@@ -366,6 +410,7 @@ def register(app: typer.Typer, translate: Callable[[], AbstractContextManager[No
         response_path: ResponsePathOpt = "outputs",
         api_key_header: ApiKeyHeaderOpt = "Authorization",
         identity: IdentityOpt = None,
+        timeout: TimeoutOpt = 10.0,
     ) -> None:
         """Query a suspect with the probes; exit 0 proven, 14 not proven, 15 inconclusive."""
         from .ownership import Fingerprint, NullCalibration
@@ -381,10 +426,11 @@ def register(app: typer.Typer, translate: Callable[[], AbstractContextManager[No
                 response_path=response_path,
                 api_key_header=api_key_header,
                 identity=identity,
+                timeout=timeout,
             )
             with target:
                 verdict = fp.verify(target, calibration=cal, alpha=alpha, budget=budget, require_signer=require_signer)
-        _report(verdict, json_out)
+            _report(verdict, json_out)
 
     lab_app = typer.Typer(help="Attack our own defences and measure them (needs modelseal[lab]).", no_args_is_help=True)
     app.add_typer(lab_app, name="lab")

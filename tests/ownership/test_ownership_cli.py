@@ -49,7 +49,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         model = build()
         models.train(model, ds.x_train, ds.y_train, seed=1)
         torch.save(model.state_dict(), root / "model.pt")
-        for i in range(10):  # reference models: other seeds and data halves
+        for i in range(12):  # reference models: other seeds and data halves
             ref = build()
             (x, y) = ds.halves()[i % 2]
             torch.manual_seed(100 + i)
@@ -118,9 +118,9 @@ def test_watermark_embed_calibrate_verify(in_workdir: Path) -> None:
 
 
 def test_fingerprint_record_calibrate_verify(in_workdir: Path) -> None:
-    run("fingerprint", "record", "model.pt", "--arch", "owner_arch:build", "--count", "100", "-o", "fp.json")
+    run("fingerprint", "record", "model.pt", "--arch", "owner_arch:build", "--count", "150", "-o", "fp.json")
     run("fingerprint", "verify", "fp.json", "model.pt", "--arch", "owner_arch:build", expect=15)  # no calibration
-    refs = [f"ref{i}.pt" for i in range(10)]
+    refs = [f"ref{i}.pt" for i in range(12)]
     run("fingerprint", "calibrate", "fp.json", *refs, "--arch", "owner_arch:build", "-o", "fp-null.json")
     out = run(
         "fingerprint", "verify", "fp.json", "model.pt", "--arch", "owner_arch:build", "--calibration", "fp-null.json"
@@ -136,6 +136,37 @@ def test_bad_suspect_specs(in_workdir: Path) -> None:
     assert "name an .onnx" in run("fingerprint", "verify", "fp2.json", "model.bin", expect=2)
     Path("broken.json").write_text("{")
     assert "not valid JSON" in run("fingerprint", "verify", "broken.json", "model.pt", expect=12)
+    Path("corrupt.pt").write_bytes(b"not a checkpoint")
+    assert "not readable PyTorch weights" in run(
+        "fingerprint", "verify", "fp2.json", "corrupt.pt", "--arch", "owner_arch:build", expect=8
+    )
+    assert "cannot import" in run(
+        "fingerprint", "verify", "fp2.json", "model.pt", "--arch", "nosuch_mod:build", expect=2
+    )
+    out = run(
+        "fingerprint",
+        "verify",
+        "fp2.json",
+        "model.pt",
+        "--arch",
+        "owner_arch:build",
+        "--json",
+        "no/such/dir/v.json",
+        expect=7,
+    )
+    assert "INCONCLUSIVE" in out  # the verdict is printed before the JSON file fails
+    assert "no such directory" in run(
+        "watermark",
+        "embed",
+        "model.pt",
+        "--arch",
+        "owner_arch:build",
+        "-o",
+        "no/dir/w.pt",
+        "--record",
+        "w2.json",
+        expect=7,
+    )
 
 
 def test_lab_removal_fast(tmp_path: Path) -> None:

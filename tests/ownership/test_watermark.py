@@ -186,7 +186,8 @@ def test_unreachable_suspect_is_inconclusive(owned: Owned) -> None:
 
 def test_budget_too_small_is_inconclusive(owned: Owned) -> None:
     verdict = owned.wm.verify(owned.marked, owned.key, budget=5)
-    assert verdict.decision == "inconclusive" and "cannot reach alpha" in verdict.reason and verdict.queries == 0
+    assert verdict.decision == "inconclusive" and "below the first planned look" in verdict.reason
+    assert verdict.queries == 0
 
 
 def test_suspect_budget_spent_midway_is_inconclusive(owned: Owned) -> None:
@@ -228,3 +229,85 @@ def test_commitment_round_trip() -> None:
         replace(c, model_digest="e" * 64).check()
     with pytest.raises(OwnershipError, match="malformed"):
         replace(c, signature="***").check()
+
+
+class _Pad(torch.nn.Module):
+    """The marked model plus an 11th class that always wins: labels outside the record's 0..9."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        return torch.cat([out, out.max(dim=1, keepdim=True).values + 1], dim=1)
+
+
+def test_labels_outside_the_record_are_inconclusive(owned: Owned) -> None:
+    verdict = owned.wm.verify(_Pad(owned.marked), owned.key)
+    assert verdict.decision == "inconclusive" and "outside 0..9" in verdict.reason
+
+
+def test_budget_cannot_move_the_looks(owned: Owned) -> None:
+    assert owned.wm.spec.count == 140
+    verdict = owned.wm.verify(owned.clean, owned.key, budget=139)  # only the planned look at 100 fits
+    assert [look.queries for look in verdict.looks] == [100]
+    assert verdict.looks[0].adjusted == pytest.approx(min(1.0, verdict.looks[0].p_value * 2))
+
+
+def test_calibrated_verdict_reports_the_empirical_p(owned: Owned) -> None:
+    cal = owned.fp.calibrate(owned.references)
+    verdict = owned.fp.verify(owned.marked, calibration=cal)
+    assert verdict.empirical_p == pytest.approx(1 / 13)  # no reference model matches as often
+    assert "empirical p" in verdict.summary() and "parametric" in verdict.null
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda x, y: (x, y + 0.5), "integer class labels"),
+        (lambda x, y: (x, y + 1), r"labels must be in 0\.\.9"),
+        (lambda x, y: (np.where(np.arange(x.size).reshape(x.shape) == 0, np.nan, x), y), "NaN"),
+        (lambda x, y: (x.reshape(len(x), -1)[:, :10], y), "cannot take inputs"),
+    ],
+)
+def test_embedding_refuses_bad_data(owned: Owned, change, message: str) -> None:
+    x, y = change(owned.data.x_train, owned.data.y_train)
+    with pytest.raises(ValueError, match=message):
+        embed_watermark(copy.deepcopy(owned.clean), owned.key, x, y, num_classes=10, signing_key=SIGNER, epochs=1)
+    with pytest.raises(ValueError, match="class scores"):
+        embed_watermark(
+            copy.deepcopy(owned.clean), owned.key, owned.data.x_train, owned.data.y_train % 5, num_classes=5,
+            signing_key=SIGNER, epochs=1,
+        )  # fmt: skip
+
+
+def test_trickling_endpoint_times_out(owned: Owned) -> None:
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Trickle(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            for _ in range(40):  # a byte every 0.1 s: each read is quick, the whole answer is not
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(0.1)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        started = time.monotonic()
+        with HttpSuspect(f"http://127.0.0.1:{server.server_port}/", timeout=1.0, retries=0) as suspect:
+            verdict = owned.wm.verify(suspect, owned.key)
+        assert verdict.decision == "inconclusive" and "timed out" in verdict.reason
+        assert time.monotonic() - started < 3.5
+    finally:
+        server.shutdown()

@@ -34,6 +34,18 @@ def fine_tune(
 
 
 @torch.no_grad()
+def check_classes(model: torch.nn.Module, x: np.ndarray, num_classes: int) -> None:
+    """Refuse a model whose output is not one score per class for ``num_classes`` classes."""
+    model.eval()
+    try:
+        out = model(torch.as_tensor(np.asarray(x, dtype=np.float32)))
+    except Exception as exc:  # any module error: the input shape or dtype does not fit the model
+        raise ValueError(f"the model cannot take inputs shaped {list(x.shape[1:])}: {exc}") from None
+    if out.dim() != 2 or out.shape[1] != num_classes:
+        raise ValueError(f"the model answers {list(out.shape[1:])} scores per input, not {num_classes} class scores")
+
+
+@torch.no_grad()
 def predict(model: torch.nn.Module, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     model.eval()
     inputs = torch.as_tensor(np.asarray(x, dtype=np.float32))

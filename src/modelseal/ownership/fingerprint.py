@@ -80,6 +80,7 @@ class Fingerprint:
             calibration=calibration,
             alpha=alpha,
             budget=budget,
+            num_classes=self.num_classes,
         )
 
     def calibrate(self, references: Iterable[Any]) -> NullCalibration:
@@ -144,6 +145,9 @@ def record_fingerprint(
     pool = np.asarray(x_pool, dtype=np.float32)
     if not 0 < count <= len(pool):
         raise ValueError(f"count must be between 1 and the pool size ({len(pool)})")
+    if not np.isfinite(pool).all():
+        raise ValueError("x_pool contains NaN or infinite values")
+    _torch.check_classes(model, pool[:1], num_classes)
     bases = pool[_derive.sample(key.raw, "fingerprint/base", count, len(pool))]
     owner = _torch.predict(model, bases)
     shift = _derive.integers(key.raw, "fingerprint/targets", count, num_classes - 1)

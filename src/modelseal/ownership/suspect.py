@@ -71,7 +71,7 @@ def _numeric(out: Any, n: int) -> npt.NDArray[Any]:
         arr = np.asarray(out)
     except ValueError as exc:  # a ragged nested list
         raise SuspectError(f"the output is ragged (rows of different lengths): {exc}") from None
-    if arr.dtype.kind not in "biuf":
+    if arr.dtype.kind not in "iuf":  # booleans are not labels: a mapping to the wrong field, most likely
         raise SuspectError(f"the output is not numeric (dtype {arr.dtype})")
     if arr.ndim == 0:
         raise SuspectError(f"the output is a single value, not one answer for each of the {n} inputs")
@@ -636,12 +636,17 @@ class HttpSuspect(Suspect):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _send(self, body: bytes) -> tuple[int, bytes, httpx.Headers]:
+        # httpx's timeout bounds each read; an endpoint trickling a byte at a time would never trip
+        # it, so the whole exchange also has a deadline of ``timeout`` seconds.
+        deadline = time.monotonic() + self.timeout
         with self._client.stream("POST", self.url, content=body) as response:
             declared = response.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
                 raise SuspectError(f"the response is {int(declared)} bytes, over the {MAX_RESPONSE_BYTES}-byte limit")
             chunks, size = [], 0
             for chunk in response.iter_bytes():
+                if time.monotonic() > deadline:
+                    raise SuspectError(f"the endpoint timed out after {self.timeout:g} s (response still arriving)")
                 size += len(chunk)
                 if size > MAX_RESPONSE_BYTES:
                     raise SuspectError(f"the response is over the {MAX_RESPONSE_BYTES}-byte limit")

@@ -51,6 +51,7 @@ class Verdict:
     suspect: str
     commitment: str
     looks: tuple[Look, ...] = field(default=())
+    empirical_p: float | None = None  # (1 + reference models matching as often) / (M + 1), when calibrated
 
     @property
     def proven(self) -> bool:
@@ -74,6 +75,7 @@ class Verdict:
             "suspect": self.suspect,
             "commitment": self.commitment,
             "looks": [look.__dict__ for look in self.looks],
+            "empirical_p": self.empirical_p,
         }
 
     def summary(self) -> str:
@@ -84,6 +86,11 @@ class Verdict:
             f"  {self.matches} of {self.queries} answers matched ({self.match_rate:.1%}); "
             f"p = {self.p_value:.3g} (alpha {self.alpha:.0e})",
             f"  null: {self.null}",
+            *(
+                [f"  reference models matching as often: empirical p = {self.empirical_p:.3g} (no model assumed)"]
+                if self.empirical_p is not None
+                else []
+            ),
             f"  {self.reason}",
             f"  commitment {self.commitment}",
         ]
@@ -173,11 +180,14 @@ def run_test(
     calibration: NullCalibration | None,
     alpha: float,
     budget: int | None,
+    num_classes: int,
 ) -> Verdict:
     """Query ``suspect`` (anything :func:`as_suspect` takes) look by look and decide (spec §6)."""
     target = as_suspect(suspect)
     try:
-        return _run_test(target, inputs, expected, kind, commitment, chance_rate, calibration, alpha, budget)
+        return _run_test(
+            target, inputs, expected, kind, commitment, chance_rate, calibration, alpha, budget, num_classes
+        )
     finally:
         if target is not suspect:  # close only what was opened here
             target.close()
@@ -193,25 +203,39 @@ def _run_test(
     calibration: NullCalibration | None,
     alpha: float,
     budget: int | None,
+    num_classes: int,
 ) -> Verdict:
     if not 0 < alpha < 1:
         raise ValueError("alpha must be in (0, 1)")
     if budget is not None and budget <= 0:
         raise ValueError("budget must be positive")
-    total = len(inputs) if budget is None else min(len(inputs), budget)
-    if calibration is not None:
-        total = min(total, calibration.matches.shape[1])
-    looks = stats.look_schedule(total)
+    # Looks are planned from the evidence alone, so a budget only ends the plan early: it cannot
+    # move a look or change its share of alpha (no shopping for a lucky budget).
+    planned = len(inputs) if calibration is None else min(len(inputs), calibration.matches.shape[1])
+    looks = stats.look_schedule(planned)
     weights = stats.look_weights(len(looks))
+    if budget is not None:
+        kept = sum(1 for size in looks if size <= budget)
+        looks, weights = looks[:kept], weights[:kept]
+    total = looks[-1] if looks else 0
     nulls = []
     if chance_rate is not None:
         nulls.append(f"binomial at chance {chance_rate:.4g} (exact over the key's randomness)")
     if calibration is not None:
-        nulls.append(calibration.fit(total).describe())
+        nulls.append(
+            calibration.fit(max(total, 1)).describe()
+            + "; a parametric extrapolation, valid as far as independent models vary like these"
+        )
     null = "; ".join(nulls) or "none"
 
     def verdict(decision: str, reason: str, answered: int, matched: int, p: float, done: list[Look]) -> Verdict:
-        return Verdict(kind, decision, p, alpha, answered, matched, null, reason, suspect.name, commitment, tuple(done))
+        empirical = None
+        if calibration is not None and answered:
+            counts = calibration.matches[:, :answered].sum(axis=1)
+            empirical = (1 + int(np.count_nonzero(counts >= matched))) / (len(counts) + 1)
+        return Verdict(
+            kind, decision, p, alpha, answered, matched, null, reason, suspect.name, commitment, tuple(done), empirical
+        )
 
     if chance_rate is None and calibration is None:
         return verdict(INCONCLUSIVE, f"a {kind} needs a null calibration on reference models", 0, 0, 1.0, [])
@@ -224,7 +248,10 @@ def _run_test(
             parts.append(calibration.fit(n).tail(matched))
         return max(max(parts), P_FLOOR)
 
-    best_possible = p_value(total, total) / weights[-1] if looks else 1.0
+    if not looks:
+        reason = f"a budget of {budget} queries is below the first planned look ({stats.look_schedule(planned)[0]})"
+        return verdict(INCONCLUSIVE, reason, 0, 0, 1.0, [])
+    best_possible = min(p_value(size, size) / weight for size, weight in zip(looks, weights, strict=True))
     if best_possible > alpha:
         return verdict(
             INCONCLUSIVE,
@@ -241,6 +268,12 @@ def _run_test(
             labels = suspect.predict(inputs[answered:size])
         except SuspectError as exc:
             return verdict(INCONCLUSIVE, f"the suspect could not be queried: {exc}", answered, matched, best, done)
+        if labels.size and int(labels.max()) >= num_classes:
+            reason = (
+                f"the suspect answered label {int(labels.max())}, outside 0..{num_classes - 1}: "
+                "another label space or a wrong response mapping"
+            )
+            return verdict(INCONCLUSIVE, reason, answered, matched, best, done)
         matched += int(np.count_nonzero(labels == expected[answered:size]))
         answered = size
         p = p_value(matched, answered)

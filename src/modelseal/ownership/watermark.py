@@ -96,6 +96,7 @@ class Watermark:
             calibration=calibration,
             alpha=alpha,
             budget=budget,
+            num_classes=self.spec.num_classes,
         )
 
     def calibrate(self, key: OwnershipKey, references: Iterable[Any]) -> NullCalibration:
@@ -179,9 +180,19 @@ def embed_watermark(
     from ._records import torch_model_digest
 
     x_train = np.asarray(x_train, dtype=np.float32)
-    y_train = np.asarray(y_train, dtype=np.int64)
-    if len(x_train) != len(y_train) or len(x_train) == 0:
+    labels = np.asarray(y_train)
+    if len(x_train) != len(labels) or len(x_train) == 0:
         raise ValueError("x_train and y_train must be non-empty and of the same length")
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise ValueError(f"y_train must be 1-D integer class labels, not {labels.dtype} of shape {labels.shape}")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must be in 0..{num_classes - 1} (found {labels.min()}..{labels.max()})")
+    if not np.isfinite(x_train).all():
+        raise ValueError("x_train contains NaN or infinite values")
+    if epochs < 1:
+        raise ValueError("embedding needs at least one epoch")
+    _torch.check_classes(model, x_train[:1], num_classes)
+    y_train = labels.astype(np.int64)
     if families is None:
         families = default_families(x_train.shape[1:], num_classes)
     spec = TriggerSpec.from_data(x_train, num_classes, families)
