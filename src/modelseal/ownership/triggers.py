@@ -37,9 +37,9 @@ def default_families(input_shape: Sequence[int], num_classes: int) -> tuple[tupl
 
     Images (C, H, W): uniform noise over the pixel range, far from any natural image. Vectors:
     per-feature noise around the mean (uniform noise over a standardised range lands so far out
-    that fine-tuning reshapes it easily). Stamped natural inputs cost accuracy on both kinds of data
-    for no gain in robustness, so the default has none; choose them when a suspect may refuse
-    out-of-distribution queries. A task with 2-3 classes gets more triggers: each match is worth
+    that fine-tuning reshapes it easily). Stamped natural inputs survived fine-tuning less well on
+    digits and cost as much accuracy on breast-cancer, so the default has none; choose them when a
+    suspect may refuse out-of-distribution queries. A task with 2-3 classes gets more triggers: each match is worth
     log2(K) bits of evidence.
     """
     few_classes = num_classes <= 3
