@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,18 +153,25 @@ class NullCalibration:
         return cls(kind=kind, evidence_digest=digest, models=tuple(models), matches=matches)
 
 
+@contextmanager
+def _opened(obj: Any) -> Iterator[Suspect]:
+    """``obj`` as a :class:`Suspect`, closed afterwards if it was opened here (a caller's stays open)."""
+    suspect = as_suspect(obj)
+    try:
+        yield suspect
+    finally:
+        if suspect is not obj:
+            suspect.close()
+
+
 def calibrate_items(
     kind: str, evidence_digest: str, inputs: np.ndarray, expected: np.ndarray, references: Iterable[Any]
 ) -> NullCalibration:
     names, rows = [], []
     for reference in references:
-        suspect = as_suspect(reference)
-        try:
+        with _opened(reference) as suspect:
             rows.append(suspect.predict(inputs) == expected)
-        finally:
-            if suspect is not reference:  # close only what was opened here
-                suspect.close()
-        names.append(suspect.name)
+            names.append(suspect.name)
     if len(rows) < stats.MIN_REFERENCE_MODELS:
         raise ValueError(f"calibrate with at least {stats.MIN_REFERENCE_MODELS} reference models (50 recommended)")
     return NullCalibration(kind=kind, evidence_digest=evidence_digest, models=tuple(names), matches=np.array(rows))
@@ -183,107 +191,98 @@ def run_test(
     num_classes: int,
 ) -> Verdict:
     """Query ``suspect`` (anything :func:`as_suspect` takes) look by look and decide (spec §6)."""
-    target = as_suspect(suspect)
-    try:
-        return _run_test(
-            target, inputs, expected, kind, commitment, chance_rate, calibration, alpha, budget, num_classes
-        )
-    finally:
-        if target is not suspect:  # close only what was opened here
-            target.close()
-
-
-def _run_test(
-    suspect: Suspect,
-    inputs: np.ndarray,
-    expected: np.ndarray,
-    kind: str,
-    commitment: str,
-    chance_rate: float | None,
-    calibration: NullCalibration | None,
-    alpha: float,
-    budget: int | None,
-    num_classes: int,
-) -> Verdict:
-    if not 0 < alpha < 1:
-        raise ValueError("alpha must be in (0, 1)")
-    if budget is not None and budget <= 0:
-        raise ValueError("budget must be positive")
-    # Looks are planned from the evidence alone, so a budget only ends the plan early: it cannot
-    # move a look or change its share of alpha (no shopping for a lucky budget).
-    planned = len(inputs) if calibration is None else min(len(inputs), calibration.matches.shape[1])
-    looks = stats.look_schedule(planned)
-    weights = stats.look_weights(len(looks))
-    if budget is not None:
-        kept = sum(1 for size in looks if size <= budget)
-        looks, weights = looks[:kept], weights[:kept]
-    total = looks[-1] if looks else 0
-    nulls = []
-    if chance_rate is not None:
-        nulls.append(f"binomial at chance {chance_rate:.4g} (exact over the key's randomness)")
-    if calibration is not None:
-        nulls.append(
-            calibration.fit(max(total, 1)).describe()
-            + "; a parametric extrapolation, valid as far as independent models vary like these"
-        )
-    null = "; ".join(nulls) or "none"
-
-    def verdict(decision: str, reason: str, answered: int, matched: int, p: float, done: list[Look]) -> Verdict:
-        empirical = None
-        if calibration is not None and answered:
-            counts = calibration.matches[:, :answered].sum(axis=1)
-            empirical = (1 + int(np.count_nonzero(counts >= matched))) / (len(counts) + 1)
-        return Verdict(
-            kind, decision, p, alpha, answered, matched, null, reason, suspect.name, commitment, tuple(done), empirical
-        )
-
-    if chance_rate is None and calibration is None:
-        return verdict(INCONCLUSIVE, f"a {kind} needs a null calibration on reference models", 0, 0, 1.0, [])
-
-    def p_value(matched: int, n: int) -> float:
-        parts = []
+    with _opened(suspect) as target:
+        if not 0 < alpha < 1:
+            raise ValueError("alpha must be in (0, 1)")
+        if budget is not None and budget <= 0:
+            raise ValueError("budget must be positive")
+        # Looks are planned from the evidence alone, so a budget only ends the plan early: it cannot
+        # move a look or change its share of alpha (no shopping for a lucky budget).
+        planned = len(inputs) if calibration is None else min(len(inputs), calibration.matches.shape[1])
+        looks = stats.look_schedule(planned)
+        weights = stats.look_weights(len(looks))
+        if budget is not None:
+            kept = sum(1 for size in looks if size <= budget)
+            looks, weights = looks[:kept], weights[:kept]
+        total = looks[-1] if looks else 0
+        nulls = []
         if chance_rate is not None:
-            parts.append(stats.binomial_tail(matched, n, chance_rate))
+            nulls.append(f"binomial at chance {chance_rate:.4g} (exact over the key's randomness)")
         if calibration is not None:
-            parts.append(calibration.fit(n).tail(matched))
-        return max(max(parts), P_FLOOR)
-
-    if not looks:
-        reason = f"a budget of {budget} queries is below the first planned look ({stats.look_schedule(planned)[0]})"
-        return verdict(INCONCLUSIVE, reason, 0, 0, 1.0, [])
-    best_possible = min(p_value(size, size) / weight for size, weight in zip(looks, weights, strict=True))
-    if best_possible > alpha:
-        return verdict(
-            INCONCLUSIVE,
-            f"{total} queries cannot reach alpha {alpha:g} even if every answer matches (best p {best_possible:.3g})",
-            0,
-            0,
-            1.0,
-            [],
-        )
-    answered, matched, best = 0, 0, 1.0
-    done: list[Look] = []
-    for size, weight in zip(looks, weights, strict=True):
-        try:
-            labels = suspect.predict(inputs[answered:size])
-        except SuspectError as exc:
-            return verdict(INCONCLUSIVE, f"the suspect could not be queried: {exc}", answered, matched, best, done)
-        if labels.size and int(labels.max()) >= num_classes:
-            reason = (
-                f"the suspect answered label {int(labels.max())}, outside 0..{num_classes - 1}: "
-                "another label space or a wrong response mapping"
+            nulls.append(
+                calibration.fit(max(total, 1)).describe()
+                + "; a parametric extrapolation, valid as far as independent models vary like these"
             )
-            return verdict(INCONCLUSIVE, reason, answered, matched, best, done)
-        matched += int(np.count_nonzero(labels == expected[answered:size]))
-        answered = size
-        p = p_value(matched, answered)
-        adjusted = min(1.0, p / weight)
-        best = min(best, adjusted)
-        done.append(Look(answered, matched, p, adjusted))
-        if best <= alpha:
-            return verdict(PROVEN, f"p <= alpha after {answered} queries", answered, matched, best, done)
-    reason = (
-        f"no evidence at alpha {alpha:g} after all {answered} planned queries; this does not show the suspect is "
-        "independent (a distilled copy, for one, need not keep the evidence)"
-    )
-    return verdict(NOT_PROVEN, reason, answered, matched, best, done)
+        null = "; ".join(nulls) or "none"
+
+        def verdict(decision: str, reason: str, answered: int, matched: int, p: float, done: list[Look]) -> Verdict:
+            empirical = None
+            if calibration is not None and answered:
+                counts = calibration.matches[:, :answered].sum(axis=1)
+                empirical = (1 + int(np.count_nonzero(counts >= matched))) / (len(counts) + 1)
+            return Verdict(
+                kind,
+                decision,
+                p,
+                alpha,
+                answered,
+                matched,
+                null,
+                reason,
+                target.name,
+                commitment,
+                tuple(done),
+                empirical,
+            )
+
+        if chance_rate is None and calibration is None:
+            return verdict(INCONCLUSIVE, f"a {kind} needs a null calibration on reference models", 0, 0, 1.0, [])
+
+        def p_value(matched: int, n: int) -> float:
+            parts = []
+            if chance_rate is not None:
+                parts.append(stats.binomial_tail(matched, n, chance_rate))
+            if calibration is not None:
+                parts.append(calibration.fit(n).tail(matched))
+            return max(max(parts), P_FLOOR)
+
+        if not looks:
+            reason = f"a budget of {budget} queries is below the first planned look ({stats.look_schedule(planned)[0]})"
+            return verdict(INCONCLUSIVE, reason, 0, 0, 1.0, [])
+        best_possible = min(p_value(size, size) / weight for size, weight in zip(looks, weights, strict=True))
+        if best_possible > alpha:
+            return verdict(
+                INCONCLUSIVE,
+                f"{total} queries cannot reach alpha {alpha:g} even if every answer matches "
+                f"(best p {best_possible:.3g})",
+                0,
+                0,
+                1.0,
+                [],
+            )
+        answered, matched, best = 0, 0, 1.0
+        done: list[Look] = []
+        for size, weight in zip(looks, weights, strict=True):
+            try:
+                labels = target.predict(inputs[answered:size])
+            except SuspectError as exc:
+                return verdict(INCONCLUSIVE, f"the suspect could not be queried: {exc}", answered, matched, best, done)
+            if labels.size and int(labels.max()) >= num_classes:
+                reason = (
+                    f"the suspect answered label {int(labels.max())}, outside 0..{num_classes - 1}: "
+                    "another label space or a wrong response mapping"
+                )
+                return verdict(INCONCLUSIVE, reason, answered, matched, best, done)
+            matched += int(np.count_nonzero(labels == expected[answered:size]))
+            answered = size
+            p = p_value(matched, answered)
+            adjusted = min(1.0, p / weight)
+            best = min(best, adjusted)
+            done.append(Look(answered, matched, p, adjusted))
+            if best <= alpha:
+                return verdict(PROVEN, f"p <= alpha after {answered} queries", answered, matched, best, done)
+        reason = (
+            f"no evidence at alpha {alpha:g} after all {answered} planned queries; this does not show the suspect is "
+            "independent (a distilled copy, for one, need not keep the evidence)"
+        )
+        return verdict(NOT_PROVEN, reason, answered, matched, best, done)
