@@ -15,6 +15,7 @@ header stanza, an :class:`Unwrapper` recovers it from the stanzas it understands
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 import warnings
 from abc import ABC, abstractmethod
@@ -161,6 +162,20 @@ def _write_secret(path: str | os.PathLike[str], text: str, overwrite: bool) -> N
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def _write_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Replace ``path`` with a 0600 file holding ``text``: written to a temporary file beside it,
+    fsynced, then renamed, so a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        _write_secret(tmp, text, overwrite=False)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _read_secret(path: str | os.PathLike[str], prefix: str, what: str) -> str:

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .._private.crypto import LABEL
-from ..keys import _write_secret
+from ..keys import _write_atomic
 from .grant import GrantInvalid, check_binding, verify_signed
 
 MAGIC = "MSEALC1 "
@@ -50,14 +50,9 @@ def boot() -> tuple[str, float]:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write a 0600 file through a temporary file, fsync and rename (call under the state lock)."""
+    """Write a 0600 state file atomically, creating its directory (0700) if needed."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    _write_secret(tmp, text, overwrite=False)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    _write_atomic(path, text)
 
 
 class Corrupt(Exception):

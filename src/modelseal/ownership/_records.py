@@ -19,7 +19,7 @@ import numpy as np
 
 from .._private.encoding import decode_key, dumps_canonical, encode_key
 from ..errors import OwnershipError
-from ..keys import SigningKey, VerifyKey, _header, _read_secret, _write_secret
+from ..keys import SigningKey, VerifyKey, _header, _read_secret, _write_atomic, _write_secret
 
 if TYPE_CHECKING:
     import torch
@@ -243,16 +243,8 @@ def read_json(path: str | os.PathLike[str], expected_format: str) -> dict[str, A
 
 
 def write_json(path: str | os.PathLike[str], data: Mapping[str, Any], *, overwrite: bool) -> None:
-    """Write through a temporary file and a rename, so a failed write leaves nothing half-written."""
+    """Write a 0600 JSON file atomically (a failed write leaves nothing half-written)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
