@@ -187,7 +187,10 @@ def _save_weights(model: torch.nn.Module, path: Path) -> None:
         torch.save(model.state_dict(), path)
 
 
-def _report(verdict: Verdict, json_path: Path | None) -> None:
+def _check_and_report(target: Suspect, check: Callable[[Suspect], Verdict], json_path: Path | None) -> None:
+    """Run ``check`` on the suspect (closed afterwards), print the verdict, exit with its code."""
+    with target:
+        verdict = check(target)
     print(verdict.summary())
     if json_path is not None:
         json_path.write_text(json.dumps(verdict.to_dict(), indent=1) + "\n", encoding="utf-8")
@@ -297,6 +300,7 @@ def register(app: typer.Typer, translate: Callable[[], AbstractContextManager[No
 
         with translate():
             wm = Watermark.load(record)
+            owner_key = OwnershipKey.load(key)
             cal = NullCalibration.load(calibration) if calibration else None
             target = _suspect(
                 suspect,
@@ -308,16 +312,13 @@ def register(app: typer.Typer, translate: Callable[[], AbstractContextManager[No
                 identity=identity,
                 timeout=timeout,
             )
-            with target:
-                verdict = wm.verify(
-                    target,
-                    OwnershipKey.load(key),
-                    alpha=alpha,
-                    budget=budget,
-                    calibration=cal,
-                    require_signer=require_signer,
-                )
-            _report(verdict, json_out)
+            _check_and_report(
+                target,
+                lambda t: wm.verify(
+                    t, owner_key, alpha=alpha, budget=budget, calibration=cal, require_signer=require_signer
+                ),
+                json_out,
+            )
 
     @wm_app.command("calibrate")
     def wm_calibrate(
@@ -428,9 +429,11 @@ def register(app: typer.Typer, translate: Callable[[], AbstractContextManager[No
                 identity=identity,
                 timeout=timeout,
             )
-            with target:
-                verdict = fp.verify(target, calibration=cal, alpha=alpha, budget=budget, require_signer=require_signer)
-            _report(verdict, json_out)
+            _check_and_report(
+                target,
+                lambda t: fp.verify(t, calibration=cal, alpha=alpha, budget=budget, require_signer=require_signer),
+                json_out,
+            )
 
     lab_app = typer.Typer(help="Attack our own defences and measure them (needs modelseal[lab]).", no_args_is_help=True)
     app.add_typer(lab_app, name="lab")

@@ -34,7 +34,6 @@ from ..ownership import (
     OnnxSuspect,
     OwnershipKey,
     TorchSuspect,
-    Verdict,
     Watermark,
     combined_p_value,
     embed_watermark,
@@ -184,17 +183,6 @@ def _accuracy(suspect: Any, dataset: Dataset) -> float:
         return models.accuracy(suspect, dataset.x_test, dataset.y_test)
     labels = suspect.predict(dataset.x_test)
     return float(np.mean(labels == dataset.y_test))
-
-
-def _verdict_dict(verdict: Verdict) -> dict[str, Any]:
-    return {
-        "decision": verdict.decision,
-        "p_value": verdict.p_value,
-        "queries": verdict.queries,
-        "matches": verdict.matches,
-        "match_rate": verdict.match_rate,
-        "reason": verdict.reason,
-    }
 
 
 def _attacks(config: RemovalConfig) -> list[tuple[str, float | None]]:
@@ -384,8 +372,8 @@ def _run_victim(
                 strength=strength,
                 accuracy=accuracy,
                 accuracy_drop=marked_acc - accuracy,
-                watermark=_verdict_dict(w),
-                fingerprint=_verdict_dict(f),
+                watermark=w.to_dict(),
+                fingerprint=f.to_dict(),
                 combined_p=combined,
                 combined_proven=combined <= config.alpha,
                 seconds=time.perf_counter() - started,
