@@ -191,11 +191,11 @@ def run_test(
     num_classes: int,
 ) -> Verdict:
     """Query ``suspect`` (anything :func:`as_suspect` takes) look by look and decide (spec §6)."""
+    if not 0 < alpha < 1:
+        raise ValueError("alpha must be in (0, 1)")
+    if budget is not None and budget <= 0:
+        raise ValueError("budget must be positive")
     with _opened(suspect) as target:
-        if not 0 < alpha < 1:
-            raise ValueError("alpha must be in (0, 1)")
-        if budget is not None and budget <= 0:
-            raise ValueError("budget must be positive")
         # Looks are planned from the evidence alone, so a budget only ends the plan early: it cannot
         # move a look or change its share of alpha (no shopping for a lucky budget).
         planned = len(inputs) if calibration is None else min(len(inputs), calibration.matches.shape[1])
