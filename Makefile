@@ -19,11 +19,13 @@ demo: $(STAMP)
 test: sysdeps lint typecheck fuzz unit
 
 # System tools the tests use: strace watches loaders for file writes; PostgreSQL backs the
-# key server's database tests (started per test session from a temp dir, spec §17.2).
+# key server's database tests (started per test session from a temp dir, spec §17.2); Redis backs
+# the gateway's shared quotas (started per test session the same way).
 sysdeps:
 	@command -v strace >/dev/null || { apt-get update -qq && apt-get install -y -qq strace >/dev/null; }
 	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 		{ apt-get update -qq && apt-get install -y -qq postgresql >/dev/null; }
+	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks fuzz examples

@@ -1,22 +1,29 @@
 """Output policies (docs/spec/gateway-v1.md §5): what a client sees of the model's scores.
 
-Each policy maps an (n, K) array of probabilities to what is returned; :func:`chain` composes them
-in order. Noise is keyed by (API key, input), so asking the same question twice gives the same
-answer and averaging repeated queries buys nothing.
+Each policy maps a :class:`~.batch.Batch` and its (n, K) probabilities to what is returned;
+:func:`chain` composes them in order. Noise is keyed by (API key, input), so asking the same
+question twice gives the same answer and averaging repeated queries buys nothing.
+:class:`CoveragePricer` degrades a key's answers as the share of the input space it has
+explored grows, in the spirit of B4B: a legitimate user asks about its own corner of the space, a
+thief has to cover all of it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["Policy", "chain", "label_only", "noise", "round_scores", "top_k"]
+from .batch import Batch
 
-Policy = Callable[[str, np.ndarray, np.ndarray], np.ndarray]
-"""(API key id, inputs, scores) -> scores."""
+__all__ = ["CoveragePricer", "Policy", "chain", "label_only", "noise", "round_scores", "top_k"]
+
+Policy = Callable[[Batch, np.ndarray], np.ndarray]
+"""(batch, scores) -> scores."""
 
 
 def top_k(k: int) -> Policy:
@@ -24,10 +31,10 @@ def top_k(k: int) -> Policy:
     if k < 1:
         raise ValueError("k must be at least 1")
 
-    def apply(_key: str, _x: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    def apply(_batch: Batch, scores: np.ndarray) -> np.ndarray:
         if k >= scores.shape[1]:
             return scores
-        cut = np.sort(scores, axis=1)[:, -k][:, None]
+        cut = np.partition(scores, -k, axis=1)[:, -k][:, None]
         kept = np.where(scores >= cut, scores, 0.0)
         normalised: np.ndarray = kept / kept.sum(axis=1, keepdims=True)
         return normalised
@@ -39,38 +46,63 @@ def round_scores(decimals: int) -> Policy:
     """Round every score to ``decimals`` places."""
     if decimals < 0:
         raise ValueError("decimals must be non-negative")
-    return lambda _key, _x, scores: np.round(scores, decimals)
+    return lambda _batch, scores: np.round(scores, decimals)
+
+
+def _label_only(scores: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(scores)
+    out[np.arange(len(scores)), scores.argmax(axis=1)] = 1.0
+    return out
 
 
 def label_only() -> Policy:
     """One-hot of the arg-max: the label and nothing else."""
+    return lambda _batch, scores: _label_only(scores)
 
-    def apply(_key: str, _x: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        out = np.zeros_like(scores)
-        out[np.arange(len(scores)), scores.argmax(axis=1)] = 1.0
-        return out
 
-    return apply
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser over an array (wrapping uint64 arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def keyed_normals(secret: bytes, batch: Batch, k: int) -> np.ndarray:
+    """(n, k) standard normals fixed by (secret, key id, row): an HMAC per row seeds a SplitMix64
+    stream expanded in numpy, so the cost is one HMAC per row, not one generator per row."""
+    prefix = batch.key_id.encode("utf-8") + b"\x00"
+    seeds = np.array(
+        [int.from_bytes(hmac.new(secret, prefix + d, hashlib.sha256).digest()[:8], "little") for d in batch.digests],
+        dtype=np.uint64,
+    )
+    with np.errstate(over="ignore"):
+        counters = seeds[:, None] + _GOLDEN * np.arange(1, 2 * k + 1, dtype=np.uint64)[None, :]
+    bits = _splitmix(counters) >> np.uint64(11)  # 53 random bits
+    u = (bits.astype(np.float64) + 0.5) / float(1 << 53)  # in (0, 1)
+    u1, u2 = u[:, :k], u[:, k:]
+    normals: np.ndarray = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)  # Box-Muller
+    return normals
 
 
 def noise(sigma: float, secret: bytes) -> Policy:
-    """Add Gaussian noise of scale ``sigma`` (seeded by HMAC(secret, key, input)), clip, renormalise.
+    """Add Gaussian noise of scale ``sigma`` (fixed by key and input), clip, renormalise.
 
     The arg-max is kept: legitimate users get the same label, thieves get perturbed probabilities.
     """
     if sigma < 0:
         raise ValueError("sigma must be non-negative")
 
-    def apply(key: str, x: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        out = np.array(scores, dtype=np.float64, copy=True)
-        for i in range(len(out)):
-            row = np.ascontiguousarray(x[i], dtype="<f4").tobytes()
-            seed = hmac.new(secret, key.encode("utf-8") + b"\x00" + row, hashlib.sha256).digest()
-            rng = np.random.default_rng(int.from_bytes(seed[:16], "little"))
-            top = int(out[i].argmax())
-            noisy = np.clip(out[i] + rng.normal(0.0, sigma, out.shape[1]), 1e-6, None)
-            noisy[top] = max(noisy[top], noisy.max() + 1e-6)  # the label does not change
-            out[i] = noisy / noisy.sum()
+    def apply(batch: Batch, scores: np.ndarray) -> np.ndarray:
+        n, k = scores.shape
+        noisy = np.clip(scores + sigma * keyed_normals(secret, batch, k), 1e-6, None)
+        rows = np.arange(n)
+        top = scores.argmax(axis=1)
+        noisy[rows, top] = np.maximum(noisy[rows, top], noisy.max(axis=1) + 1e-6)  # the label does not change
+        out: np.ndarray = noisy / noisy.sum(axis=1, keepdims=True)
         return out
 
     return apply
@@ -79,9 +111,89 @@ def noise(sigma: float, secret: bytes) -> Policy:
 def chain(policies: Sequence[Policy]) -> Policy:
     """Apply ``policies`` in order."""
 
-    def apply(key: str, x: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    def apply(batch: Batch, scores: np.ndarray) -> np.ndarray:
         for policy in policies:
-            scores = policy(key, x, scores)
+            scores = policy(batch, scores)
         return scores
 
     return apply
+
+
+class CoveragePricer:
+    """Coarser answers for keys that have explored more of the input space (B4B-style).
+
+    Inputs are hashed into ``2**bits`` buckets by random hyperplanes through ``centre`` (fixed by
+    ``seed``). A key's coverage is the share of buckets it has visited; each row is answered by the
+    first level whose coverage bound the key is still under:
+
+    ========================  ===============================
+    coverage < ``levels[0]``  the scores as they are
+    coverage < ``levels[1]``  rounded to 2 decimals
+    coverage < ``levels[2]``  rounded to 1 decimal
+    otherwise                 the label only
+    ========================  ===============================
+
+    State per key is one bitmap of ``2**bits`` booleans; at most ``max_keys`` keys are kept (the
+    least recently seen is forgotten first), so memory is bounded. State is per process.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        seed: bytes,
+        bits: int = 12,
+        levels: tuple[float, float, float] = (0.05, 0.15, 0.30),
+        centre: np.ndarray | None = None,
+        scale: np.ndarray | None = None,
+        max_keys: int = 100_000,
+    ) -> None:
+        if not 1 <= bits <= 20:
+            raise ValueError("bits must be in 1..20")
+        if not 0 < levels[0] <= levels[1] <= levels[2] <= 1:
+            raise ValueError("levels must be increasing fractions in (0, 1]")
+        rng = np.random.default_rng(int.from_bytes(hashlib.sha256(b"coverage" + seed).digest()[:16], "little"))
+        self._planes = rng.normal(size=(dim, bits)).astype(np.float32)
+        self._centre = np.zeros(dim, np.float32) if centre is None else np.asarray(centre, np.float32).reshape(dim)
+        self._scale = np.ones(dim, np.float32) if scale is None else np.asarray(scale, np.float32).reshape(dim)
+        self._weights = (1 << np.arange(bits)).astype(np.int64)
+        self.buckets = 1 << bits
+        self.levels = levels
+        self.max_keys = max_keys
+        self._seen: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def bucket_ids(self, x: np.ndarray) -> np.ndarray:
+        z = (x.reshape(len(x), -1).astype(np.float32) - self._centre) / self._scale
+        ids: np.ndarray = ((z @ self._planes) > 0).astype(np.int64) @ self._weights
+        return ids
+
+    def coverage(self, key_id: str) -> float:
+        with self._lock:
+            seen = self._seen.get(key_id)
+            return 0.0 if seen is None else float(seen.sum()) / self.buckets
+
+    def __call__(self, batch: Batch, scores: np.ndarray) -> np.ndarray:
+        ids = self.bucket_ids(batch.x)
+        with self._lock:
+            seen = self._seen.pop(batch.key_id, None)
+            if seen is None:
+                seen = np.zeros(self.buckets, dtype=bool)
+                if len(self._seen) >= self.max_keys:
+                    self._seen.popitem(last=False)
+            self._seen[batch.key_id] = seen
+            before = int(seen.sum())
+            # coverage as each row arrives: rows later in a batch pay for the earlier ones' buckets
+            new = np.zeros(len(ids), dtype=np.int64)
+            for i, b in enumerate(ids):
+                if not seen[b]:
+                    seen[b] = True
+                    before += 1
+                new[i] = before
+        level = np.searchsorted(np.asarray(self.levels) * self.buckets, new, side="right")
+        out = np.array(scores, dtype=np.float64, copy=True)
+        for value, transform in ((1, lambda s: np.round(s, 2)), (2, lambda s: np.round(s, 1)), (3, _label_only)):
+            rows = level == value
+            if rows.any():
+                out[rows] = transform(out[rows])
+        return out

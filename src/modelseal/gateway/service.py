@@ -1,0 +1,351 @@
+"""The gateway's service layer (docs/spec/gateway-v1.md): everything a prediction goes through,
+with no HTTP in it. Routes parse and translate; this raises :mod:`.errors` and returns answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .audit import AuditLog
+from .batch import Batch
+from .errors import ConfigError, Forbidden, MalformedRequest, PayloadTooLarge, QuotaExceeded
+from .metrics import Metrics
+from .policies import CoveragePricer, Policy, chain, label_only, noise, round_scores, top_k
+from .quota import Limits, Quota, open_quota
+from .runner import Runner, open_runner
+from .settings import GatewayConfig, TierConfig, parse_policy
+from .store import ApiKey, KeyStore, TraceRecord
+from .trace import Tracer
+
+log = logging.getLogger("modelseal.gateway")
+
+SECRET_FILE = "gateway.secret"
+
+
+@dataclass(frozen=True)
+class Answer:
+    labels: np.ndarray
+    scores: np.ndarray
+    policy: str
+
+
+def load_secret(data_dir: Path) -> bytes:
+    """The gateway's 32-byte secret (``DATA_DIR/gateway.secret``, 0600), created on first start.
+
+    Every keyed function derives its own key from it (HKDF-SHA256): the API key pepper, the trace
+    secret, the noise secret and the coverage hyperplanes' seed. Replicas that share a key database
+    must share this file.
+    """
+    path = data_dir / SECRET_FILE
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raw = path.read_bytes()
+        if len(raw) != 32:
+            raise ConfigError(f"{path} is not a gateway secret (32 bytes expected, found {len(raw)})") from None
+        return raw
+    raw = os.urandom(32)
+    with os.fdopen(fd, "wb") as f:
+        f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
+    return raw
+
+
+def derive(secret: bytes, purpose: str) -> bytes:
+    return HKDF(hashes.SHA256(), 32, salt=None, info=b"modelseal-gateway-v1 " + purpose.encode()).derive(secret)
+
+
+@dataclass
+class _Tier:
+    name: str
+    config: TierConfig
+    limits: Limits
+    policy: Policy
+    degraded: Policy
+    policy_name: str
+
+
+class Gateway:
+    """A served model with its keys, quotas, policies, monitor, tracer, audit log and metrics."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        runner: Runner | None = None,
+        quota: Quota | None = None,
+        migrate: bool = True,
+    ) -> None:
+        self.config = config
+        secret = load_secret(config.data_dir)
+        self.store = KeyStore(config.effective_database_url, derive(secret, "api-key pepper"), refresh_s=config.key_refresh_s)
+        if migrate:
+            self.store.migrate()
+        self.runner = runner or open_runner(config.model)
+        self.quota = quota or open_quota(config.redis_url)
+        self.tracer = Tracer(derive(secret, "trace"), rate=config.trace_rate)
+        self._noise_secret = derive(secret, "noise")
+        self.monitor = _open_monitor(config)
+        dim = int(np.prod([d or 1 for d in self.runner.row_shape]))
+        centre = scale = None
+        if self.monitor is not None:
+            centre, scale = getattr(self.monitor, "centre", None), getattr(self.monitor, "scale", None)
+        self.pricer = CoveragePricer(dim, seed=derive(secret, "coverage"), centre=centre, scale=scale)
+        self.tiers = {name: self._tier(name, tier) for name, tier in config.tiers.items()}
+        self.metrics = Metrics()
+        self.audit = AuditLog(config.audit_path, max_bytes=config.audit.max_bytes, backups=config.audit.backups)
+        self._flagged: dict[str, tuple[str, ...]] = {}
+        self._flag_lock = threading.Lock()
+        self._traces: queue.Queue[TraceRecord] = queue.Queue(100_000)
+        self._trace_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.audit.start()
+        if self._trace_thread is None:
+            self._stop.clear()
+            self._trace_thread = threading.Thread(target=self._write_traces, name="gateway-traces", daemon=True)
+            self._trace_thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._trace_thread is not None:
+            self._trace_thread.join(10)
+            self._trace_thread = None
+        self.audit.close()
+        self.quota.close()
+        self.store.dispose()
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until queued trace records and audit lines are written."""
+        deadline = time.monotonic() + timeout
+        while self._traces.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self.audit.flush(max(0.0, deadline - time.monotonic()))
+
+    # -- set-up helpers ---------------------------------------------------------------------------
+    def _policy(self, items: list[str]) -> Policy:
+        parts: list[Policy] = []
+        for item in items:
+            name, value = parse_policy(item)
+            if name == "top_k":
+                parts.append(top_k(int(value or 1)))
+            elif name == "round":
+                parts.append(round_scores(int(value or 0)))
+            elif name == "noise":
+                parts.append(noise(float(value or 0.0), self._noise_secret))
+            elif name == "label_only":
+                parts.append(label_only())
+            else:
+                parts.append(self._coverage)
+        return chain(parts)
+
+    def _coverage(self, batch: Batch, scores: np.ndarray) -> np.ndarray:
+        return self.pricer(batch, scores)
+
+    def _tier(self, name: str, tier: TierConfig) -> _Tier:
+        return _Tier(
+            name,
+            tier,
+            Limits(tier.per_minute, tier.per_day, tier.total),
+            self._policy(tier.policy),
+            self._policy(tier.degraded_policy),
+            "+".join(tier.policy) or "full",
+        )
+
+    # -- requests -------------------------------------------------------------------------------
+    def authenticate(self, token: str | None) -> ApiKey | None:
+        return None if not token else self.store.authenticate(token)
+
+    def tier_of(self, key: ApiKey) -> _Tier:
+        tier = self.tiers.get(key.tier)
+        if tier is None:
+            raise Forbidden(f"the key's tier {key.tier!r} is not configured on this gateway")
+        return tier
+
+    def check_rows(self, x: np.ndarray) -> np.ndarray:
+        """``x`` as the model's dtype, checked against its input shape.
+
+        Raises:
+            MalformedRequest: wrong rank, shape or kind of numbers, NaN or infinity, empty batch.
+        """
+        if x.dtype.kind not in "iuf":
+            raise MalformedRequest(f"inputs must be numbers, got {x.dtype.kind!r} data")
+        shape = self.runner.row_shape
+        if x.ndim != 1 + len(shape):
+            want = " x ".join(str(d or "N") for d in shape)
+            raise MalformedRequest(f"inputs must be a batch of rows of shape [{want}] (rank {1 + len(shape)}), got rank {x.ndim}")
+        if len(x) == 0:
+            raise MalformedRequest("the batch is empty")
+        for axis, (got, want) in enumerate(zip(x.shape[1:], shape, strict=True), start=1):
+            if want is not None and got != want:
+                raise MalformedRequest(f"inputs: dimension {axis} must be {want}, got {got}")
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            raise MalformedRequest("inputs hold NaN or infinity")
+        with np.errstate(over="ignore", invalid="ignore"):
+            cast = x.astype(self.runner.dtype, copy=False)
+        if self.runner.dtype.kind == "f" and not np.isfinite(cast).all():
+            raise MalformedRequest(f"inputs overflow the model's {self.runner.dtype}")
+        return cast
+
+    def predict(self, key: ApiKey, x: np.ndarray) -> Answer:
+        """Answer ``x`` for ``key``: quota, model, tracing, monitor, policy, audit.
+
+        Raises:
+            Forbidden, MalformedRequest, PayloadTooLarge, QuotaExceeded, Unavailable, ModelRejectedInput.
+        """
+        started = time.perf_counter()
+        tier = self.tier_of(key)
+        status = "200"
+        try:
+            limit = min(self.config.max_batch, tier.config.max_batch or self.config.max_batch)
+            if len(x) > limit:
+                raise PayloadTooLarge(f"the batch has {len(x)} rows; this key may send at most {limit} per request")
+            x = self.check_rows(x)
+            flagged = key.id in self._flagged
+            limits = tier.limits
+            if flagged and tier.config.on_alert == "throttle":
+                limits = limits.scaled(tier.config.throttle_factor)
+            try:
+                self.quota.charge(key.id, len(x), limits)
+            except QuotaExceeded as exc:
+                self.metrics.quota_refusals.labels(key.id, exc.period).inc()
+                raise
+            probs = self.runner.probabilities(x)
+            batch = Batch(key.id, x)
+            traced = 0
+            if tier.config.trace and self.tracer.rate > 0:
+                original = probs.argmax(axis=1)
+                probs, plan = self.tracer.apply(batch, probs)
+                altered = np.flatnonzero(plan >= 0)
+                traced = len(altered)
+                if traced:
+                    self._queue_traces(key.id, x, plan, original, altered)
+            labels = probs.argmax(axis=1)
+            assessment = None
+            if self.monitor is not None:
+                assessment = self.monitor.observe(key.id, x)
+                if assessment.flagged and not flagged:
+                    flagged = self._flag(key, tier, assessment)
+            degraded = flagged and tier.config.on_alert == "degrade"
+            scores = (tier.degraded if degraded else tier.policy)(batch, probs)
+            self.metrics.rows.labels(key.id).inc(len(x))
+            if traced:
+                self.metrics.traced.labels(key.id).inc(traced)
+            if degraded:
+                self.metrics.degraded.labels(key.id).inc(len(x))
+            policy_name = "degraded" if degraded else tier.policy_name
+            self.audit.write(
+                "predict",
+                key=key.id,
+                tier=tier.name,
+                rows=len(x),
+                inputs=[d[:12].hex() for d in batch.digests],
+                policy=policy_name,
+                traced=traced,
+                monitor=None if assessment is None else _assessment_dict(assessment),
+            )
+            return Answer(labels, scores, policy_name)
+        except Exception as exc:
+            status = str(getattr(exc, "status", 500))
+            self.audit.write("refused", key=key.id, tier=tier.name, rows=len(x), status=int(status), reason=getattr(exc, "code", "internal"))
+            raise
+        finally:
+            self.metrics.requests.labels(tier.name, status).inc()
+            self.metrics.latency.observe(time.perf_counter() - started)
+
+    def refused_unauthenticated(self, reason: str) -> None:
+        self.metrics.requests.labels("", "401").inc()
+        self.audit.write("refused", key=None, status=401, reason=reason)
+
+    def _flag(self, key: ApiKey, tier: _Tier, assessment: Any) -> bool:
+        with self._flag_lock:
+            if key.id in self._flagged:
+                return True
+            self._flagged[key.id] = tuple(assessment.reasons)
+        action = tier.config.on_alert
+        log.warning("extraction monitor flagged key %s (%s): %s", key.id, ", ".join(assessment.reasons), action)
+        if action != "log":
+            for reason in assessment.reasons or ("unspecified",):
+                self.metrics.alerts.labels(key.id, reason).inc()
+        self.audit.write("alert", key=key.id, tier=tier.name, action=action, monitor=_assessment_dict(assessment))
+        return True
+
+    def key_state(self, key: ApiKey) -> dict[str, Any]:
+        """What ``GET /v1/model`` tells a key about itself (never about another key)."""
+        tier = self.tier_of(key)
+        return {
+            "key": key.id,
+            "tier": tier.name,
+            "limits": {"per_minute": tier.limits.per_minute, "per_day": tier.limits.per_day, "total": tier.limits.total},
+            "usage": self.quota.usage(key.id),
+            "max_batch": min(self.config.max_batch, tier.config.max_batch or self.config.max_batch),
+            "policy": tier.policy_name,
+        }
+
+    # -- tracing records ------------------------------------------------------------------------
+    def _queue_traces(self, key_id: str, x: np.ndarray, plan: np.ndarray, original: np.ndarray, rows: np.ndarray) -> None:
+        for i in rows:
+            record = TraceRecord(key_id, np.array(x[i], copy=True), int(plan[i]), int(original[i]))
+            try:
+                self._traces.put_nowait(record)
+            except queue.Full:
+                log.warning("trace queue full: an altered answer for key %s was not recorded", key_id)
+
+    def _write_traces(self) -> None:
+        while not self._stop.is_set() or self._traces.unfinished_tasks:
+            try:
+                first = self._traces.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            items = [first]
+            while len(items) < 500:
+                try:
+                    items.append(self._traces.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self.store.add_traces(items, keep=self.config.trace_keep)
+            except Exception:  # the database is busy or gone: the records are lost, say so
+                log.exception("could not store %d trace records", len(items))
+            finally:
+                for _ in items:
+                    self._traces.task_done()
+
+
+def _assessment_dict(a: Any) -> dict[str, Any]:
+    return {
+        "queries": int(a.queries),
+        "flagged": bool(a.flagged),
+        "reasons": list(a.reasons),
+        "stats": {k: round(float(v), 6) for k, v in a.stats.items()},
+    }
+
+
+def _open_monitor(config: GatewayConfig) -> Any:
+    section = config.monitor
+    if not section.enabled or section.reference is None:
+        return None
+    from .monitor import Monitor, Reference, Thresholds
+
+    try:
+        reference = Reference.load(section.reference)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"monitor.reference: cannot load {section.reference}: {exc}") from None
+    thresholds = Thresholds.from_dict(section.thresholds) if section.thresholds else None
+    return Monitor(reference, thresholds=thresholds)
+
