@@ -492,6 +492,16 @@ def _add_ownership() -> None:
 _add_ownership()
 
 
+def _add_gateway() -> None:
+    # gateway.cli imports only typer at module level; the server stack loads when a command runs.
+    from .gateway.cli import register
+
+    register(app, _translate)
+
+
+_add_gateway()
+
+
 def main() -> None:
     app()
 

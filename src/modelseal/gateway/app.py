@@ -48,10 +48,14 @@ _PREDICT_DOC: dict[str, Any] = {
                     "type": "object",
                     "required": ["inputs"],
                     "additionalProperties": False,
-                    "properties": {"inputs": {"type": "array", "description": "A batch of rows of the model's input shape."}},
+                    "properties": {
+                        "inputs": {"type": "array", "description": "A batch of rows of the model's input shape."}
+                    },
                 }
             },
-            NPY: {"schema": {"type": "string", "format": "binary", "description": "One .npy array; axis 0 is the batch."}},
+            NPY: {
+                "schema": {"type": "string", "format": "binary", "description": "One .npy array; axis 0 is the batch."}
+            },
         },
     },
     "responses": {

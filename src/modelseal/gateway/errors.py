@@ -24,6 +24,7 @@ class ConfigError(GatewayError):
     """The gateway's configuration is invalid (the CLI exits 2 naming the setting)."""
 
     code = "config-error"
+    exit_code = 2
 
 
 class MalformedRequest(GatewayError):
@@ -92,3 +93,4 @@ class UnknownKey(GatewayError):
     """An admin command named an API key id that does not exist."""
 
     status, code = 404, "unknown-key"
+    exit_code = 2

@@ -18,10 +18,16 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         reg = None if self._multiprocess else self.registry
         ns = "modelseal_gateway"
-        self.requests = Counter(f"{ns}_requests", "Prediction requests by tier and status", ["tier", "status"], registry=reg)
+        self.requests = Counter(
+            f"{ns}_requests", "Prediction requests by tier and status", ["tier", "status"], registry=reg
+        )
         self.rows = Counter(f"{ns}_rows", "Input rows answered, per API key", ["key"], registry=reg)
-        self.quota_refusals = Counter(f"{ns}_quota_refusals", "Requests refused by a quota", ["key", "period"], registry=reg)
-        self.alerts = Counter(f"{ns}_monitor_alerts", "Keys newly flagged by the extraction monitor", ["key", "reason"], registry=reg)
+        self.quota_refusals = Counter(
+            f"{ns}_quota_refusals", "Requests refused by a quota", ["key", "period"], registry=reg
+        )
+        self.alerts = Counter(
+            f"{ns}_monitor_alerts", "Keys newly flagged by the extraction monitor", ["key", "reason"], registry=reg
+        )
         self.traced = Counter(f"{ns}_traced_answers", "Answers altered for tracing, per key", ["key"], registry=reg)
         self.degraded = Counter(f"{ns}_degraded_rows", "Rows answered with a degraded policy", ["key"], registry=reg)
         self.model_errors = Counter(f"{ns}_model_errors", "Inputs the runtime refused after the checks", registry=reg)
@@ -40,7 +46,7 @@ class Metrics:
             from prometheus_client import multiprocess
 
             registry: Any = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         else:
             registry = self.registry
         return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -91,7 +91,9 @@ class Gateway:
     ) -> None:
         self.config = config
         secret = load_secret(config.data_dir)
-        self.store = KeyStore(config.effective_database_url, derive(secret, "api-key pepper"), refresh_s=config.key_refresh_s)
+        self.store = KeyStore(
+            config.effective_database_url, derive(secret, "api-key pepper"), refresh_s=config.key_refresh_s
+        )
         if migrate:
             self.store.migrate()
         self.runner = runner or open_runner(config.model)
@@ -187,8 +189,10 @@ class Gateway:
             raise MalformedRequest(f"inputs must be numbers, got {x.dtype.kind!r} data")
         shape = self.runner.row_shape
         if x.ndim != 1 + len(shape):
-            want = " x ".join(str(d or "N") for d in shape)
-            raise MalformedRequest(f"inputs must be a batch of rows of shape [{want}] (rank {1 + len(shape)}), got rank {x.ndim}")
+            dims = " x ".join(str(d or "N") for d in shape)
+            raise MalformedRequest(
+                f"inputs must be a batch of rows of shape [{dims}] (rank {1 + len(shape)}), got rank {x.ndim}"
+            )
         if len(x) == 0:
             raise MalformedRequest("the batch is empty")
         for axis, (got, want) in enumerate(zip(x.shape[1:], shape, strict=True), start=1):
@@ -262,7 +266,14 @@ class Gateway:
             return Answer(labels, scores, policy_name)
         except Exception as exc:
             status = str(getattr(exc, "status", 500))
-            self.audit.write("refused", key=key.id, tier=tier.name, rows=len(x), status=int(status), reason=getattr(exc, "code", "internal"))
+            self.audit.write(
+                "refused",
+                key=key.id,
+                tier=tier.name,
+                rows=len(x),
+                status=int(status),
+                reason=getattr(exc, "code", "internal"),
+            )
             raise
         finally:
             self.metrics.requests.labels(tier.name, status).inc()
@@ -291,14 +302,20 @@ class Gateway:
         return {
             "key": key.id,
             "tier": tier.name,
-            "limits": {"per_minute": tier.limits.per_minute, "per_day": tier.limits.per_day, "total": tier.limits.total},
+            "limits": {
+                "per_minute": tier.limits.per_minute,
+                "per_day": tier.limits.per_day,
+                "total": tier.limits.total,
+            },
             "usage": self.quota.usage(key.id),
             "max_batch": min(self.config.max_batch, tier.config.max_batch or self.config.max_batch),
             "policy": tier.policy_name,
         }
 
     # -- tracing records ------------------------------------------------------------------------
-    def _queue_traces(self, key_id: str, x: np.ndarray, plan: np.ndarray, original: np.ndarray, rows: np.ndarray) -> None:
+    def _queue_traces(
+        self, key_id: str, x: np.ndarray, plan: np.ndarray, original: np.ndarray, rows: np.ndarray
+    ) -> None:
         for i in rows:
             record = TraceRecord(key_id, np.array(x[i], copy=True), int(plan[i]), int(original[i]))
             try:
@@ -348,4 +365,3 @@ def _open_monitor(config: GatewayConfig) -> Any:
         raise ConfigError(f"monitor.reference: cannot load {section.reference}: {exc}") from None
     thresholds = Thresholds.from_dict(section.thresholds) if section.thresholds else None
     return Monitor(reference, thresholds=thresholds)
-

@@ -93,9 +93,9 @@ class GatewayConfig(_Strict):
     metrics_public: bool = False
     """``GET /metrics`` without a key; otherwise it needs a key with the ``metrics`` scope."""
     docs: bool = True
-    monitor: MonitorSection = MonitorSection()
-    audit: AuditSection = AuditSection()
-    tiers: dict[str, TierConfig] = {"default": TierConfig()}
+    monitor: MonitorSection = Field(default_factory=lambda: MonitorSection.model_validate({}))
+    audit: AuditSection = Field(default_factory=lambda: AuditSection.model_validate({}))
+    tiers: dict[str, TierConfig] = Field(default_factory=lambda: {"default": TierConfig.model_validate({})})
 
     @field_validator("tiers")
     @classmethod

@@ -188,7 +188,7 @@ class KeyStore:
         self._cache_at = -1e300
         return record, f"msk_{key_id}_{secret}"
 
-    def list(self) -> list[ApiKey]:
+    def all_keys(self) -> list[ApiKey]:
         with self._tx() as conn:
             rows = conn.execute(keys_table.select().order_by(keys_table.c.created_at, keys_table.c.id)).all()
         return [_key_from(r) for r in rows]
@@ -294,9 +294,7 @@ class KeyStore:
     def traced_keys(self) -> dict[str, int]:
         """Key id -> number of stored trace records."""
         with self._tx() as conn:
-            rows = conn.execute(
-                sa.select(traces_table.c.key_id, sa.func.count()).group_by(traces_table.c.key_id)
-            ).all()
+            rows = conn.execute(sa.select(traces_table.c.key_id, sa.func.count()).group_by(traces_table.c.key_id)).all()
         return {str(k): int(n) for k, n in rows}
 
 
