@@ -1,0 +1,252 @@
+"""The gateway over HTTP (docs/spec/gateway-v1.md §2-§5, §8): answers, bad input, keys, quotas,
+policies, isolation between keys, audit and metrics — through the real app, in process."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from fastapi.testclient import TestClient
+
+from modelseal.gateway.app import create_app
+from modelseal.gateway.service import Gateway
+
+TIERS: dict[str, Any] = {
+    "default": {"per_minute": 1000},
+    "small": {"per_minute": 10, "per_day": 15},
+    "labels": {"policy": ["label_only"]},
+    "top2": {"policy": ["top_k:2", "round:3"]},
+    "noisy": {"policy": ["noise:0.05"]},
+    "one-row": {"max_batch": 1},
+}
+
+
+@pytest.fixture
+def gateway(gateway_factory: Callable[..., Gateway]) -> Gateway:
+    return gateway_factory(tiers=TIERS, trace_rate=0.0, max_body_bytes=65536, max_batch=64)
+
+
+@pytest.fixture
+def client(gateway: Gateway) -> Iterator[TestClient]:
+    with TestClient(create_app(gateway), raise_server_exceptions=False) as c:
+        yield c
+
+
+def _key(gateway: Gateway, tier: str = "default", scopes: tuple[str, ...] = ("predict",)) -> dict[str, str]:
+    _, token = gateway.store.create(f"user-{tier}", tier=tier, scopes=scopes)
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _rows(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 32)).astype(np.float32)
+
+
+def _reference(sealed: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(sealed.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"x": x})[0].astype(np.float64)
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    out: np.ndarray = p / p.sum(axis=1, keepdims=True)
+    return out
+
+
+def test_predict_json_and_binary_match_the_model(client: TestClient, gateway: Gateway, sealed_model: Path) -> None:
+    headers = _key(gateway)
+    x = _rows(8)
+    expected = _reference(sealed_model, x)
+    r = client.post("/v1/predict", json={"inputs": x.tolist()}, headers=headers)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["labels"] == expected.argmax(axis=1).tolist()
+    assert np.allclose(body["scores"], expected, atol=1e-5)
+    buf = io.BytesIO()
+    np.save(buf, x, allow_pickle=False)
+    r = client.post(
+        "/v1/predict",
+        content=buf.getvalue(),
+        headers={**headers, "Content-Type": "application/x-npy", "Accept": "application/x-npz"},
+    )
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-npz"
+    answer = np.load(io.BytesIO(r.content), allow_pickle=False)
+    assert answer["labels"].tolist() == expected.argmax(axis=1).tolist()
+    assert np.allclose(answer["scores"], expected, atol=1e-5)
+    r = client.get("/v1/model", headers=headers)
+    assert r.json()["model"]["num_classes"] == 10 and r.json()["model"]["input_shape"] == [None, 32]
+
+
+def _npy(arr: Any) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=True)
+    return buf.getvalue()
+
+
+ROW = ",".join(["0.5"] * 32)
+BAD: list[tuple[str, bytes, str, int, str]] = [
+    ("not json", b"{inputs: [", "application/json", 400, "not valid JSON"),
+    ("empty body", b"", "application/json", 400, "empty"),
+    ("extra field", b'{"inputs": [[' + ROW.encode() + b'"]], "x": 1}', "application/json", 400, ""),
+    ("no inputs", b'{"rows": []}', "application/json", 400, "exactly one field"),
+    ("a list, not an object", b"[[1, 2]]", "application/json", 400, "exactly one field"),
+    ("strings", json.dumps({"inputs": [["1"] * 32]}).encode(), "application/json", 400, "numbers"),
+    ("booleans", json.dumps({"inputs": [[True] * 32]}).encode(), "application/json", 400, "numbers"),
+    ("ragged", json.dumps({"inputs": [[1.0] * 32, [1.0] * 31]}).encode(), "application/json", 400, "rectangular"),
+    ("rank 1", json.dumps({"inputs": [1.0] * 32}).encode(), "application/json", 400, "rank"),
+    ("rank 3", json.dumps({"inputs": [[[1.0] * 32]]}).encode(), "application/json", 400, "rank"),
+    ("wrong width", json.dumps({"inputs": [[1.0] * 31]}).encode(), "application/json", 400, "dimension 1 must be 32"),
+    ("empty batch", b'{"inputs": []}', "application/json", 400, ""),
+    ("NaN", b'{"inputs": [[NaN,' + ROW.encode()[4:] + b"]]}", "application/json", 400, "NaN"),
+    ("Infinity", b'{"inputs": [[Infinity,' + ROW.encode()[4:] + b"]]}", "application/json", 400, "NaN or infinity"),
+    ("overflows float32", json.dumps({"inputs": [[1e300] * 32]}).encode(), "application/json", 400, "overflow"),
+    ("huge integer", b'{"inputs": [[' + b"9" * 400 + b"," + ROW.encode()[4:] + b"]]}", "application/json", 400, ""),
+    ("deep nesting", b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "application/json", 413, ""),
+    ("deep nesting, small", b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", "application/json", 400, ""),
+    ("too many rows", json.dumps({"inputs": [[0.5] * 32] * 65}).encode(), "application/json", 413, "at most 64"),
+    ("oversized body", b'{"inputs": [' + b" " * 70_000 + b"]}", "application/json", 413, "limit"),
+    ("pickled npy", _npy(np.array([object()], dtype=object)), "application/x-npy", 400, "pickled objects are refused"),
+    ("truncated npy", _npy(np.zeros((2, 32), np.float32))[:-10], "application/x-npy", 400, ".npy"),
+    ("npy of strings", _npy(np.array([["a"] * 32])), "application/x-npy", 400, "numbers"),
+    ("form data", b"a=1", "application/x-www-form-urlencoded", 415, ""),
+]
+
+
+@pytest.mark.parametrize(("name", "body", "content_type", "status", "message"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_a_clear_4xx(
+    client: TestClient, gateway: Gateway, name: str, body: bytes, content_type: str, status: int, message: str
+) -> None:
+    headers = _key(gateway)
+    r = client.post("/v1/predict", content=body, headers={**headers, "Content-Type": content_type})
+    assert r.status_code == status, (name, r.text)
+    error = r.json()["error"]
+    assert message in error["message"] and error["code"] != "internal"
+    # nothing was charged for a refused request (it never reached the quota or the model)
+    if status in (400, 413, 415):
+        assert gateway.quota.usage(_key_id(headers))["minute"] == 0
+
+
+def _key_id(headers: dict[str, str]) -> str:
+    return headers["Authorization"].split("_")[1]
+
+
+def test_oversized_body_is_refused_without_content_length(client: TestClient, gateway: Gateway) -> None:
+    headers = _key(gateway)
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"inputs": ['
+        for _ in range(100):
+            yield b" " * 1000
+        yield b"]}"
+
+    r = client.post("/v1/predict", content=chunks(), headers={**headers, "Content-Type": "application/json"})
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+
+
+def test_keys_one_answer_for_every_bad_credential(client: TestClient, gateway: Gateway) -> None:
+    headers = _key(gateway)
+    good = headers["Authorization"]
+    key_id = _key_id(headers)
+    body = {"inputs": _rows(1).tolist()}
+    wrong_secret = good[:-4] + ("AAAA" if not good.endswith("AAAA") else "BBBB")
+    unknown_id = "Bearer msk_" + "0" * 16 + good[len("Bearer msk_") + 16 :]
+    answers = []
+    for value in (None, "Bearer", "Basic abc", "Bearer msk_short", wrong_secret, unknown_id):
+        h = {} if value is None else {"Authorization": value}
+        r = client.post("/v1/predict", json=body, headers=h)
+        answers.append((r.status_code, r.json()))
+        assert r.headers["www-authenticate"].startswith("Bearer")
+    assert len({json.dumps(a) for a in answers}) == 1 and answers[0][0] == 401
+    assert client.post("/v1/predict", json=body, headers=headers).status_code == 200
+    gateway.store.revoke(key_id)
+    r = client.post("/v1/predict", json=body, headers=headers)
+    assert (r.status_code, r.json()) == answers[0]
+    # scopes: a predict key cannot read metrics; a metrics key cannot predict
+    assert client.get("/metrics", headers=_key(gateway)).status_code == 403
+    metrics_key = _key(gateway, scopes=("metrics",))
+    assert client.post("/v1/predict", json=body, headers=metrics_key).status_code == 403
+    assert client.get("/metrics", headers=metrics_key).status_code == 200
+
+
+def test_quota_refuses_whole_requests_and_keys_are_independent(client: TestClient, gateway: Gateway) -> None:
+    small, other = _key(gateway, "small"), _key(gateway, "small")
+    assert client.post("/v1/predict", json={"inputs": _rows(6).tolist()}, headers=small).status_code == 200
+    r = client.post("/v1/predict", json={"inputs": _rows(6).tolist()}, headers=small)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "quota-exceeded"
+    assert 1 <= int(r.headers["retry-after"]) <= 60
+    assert client.get("/v1/model", headers=small).json()["usage"]["minute"] == 6  # refused whole
+    assert client.post("/v1/predict", json={"inputs": _rows(4).tolist()}, headers=small).status_code == 200
+    # the other key of the same tier still has its whole quota, and sees only its own usage
+    state = client.get("/v1/model", headers=other).json()
+    assert state["usage"] == {"minute": 0, "day": 0, "total": 0} and state["key"] == _key_id(other)
+    assert client.post("/v1/predict", json={"inputs": _rows(10).tolist()}, headers=other).status_code == 200
+
+
+def test_policies_per_tier(client: TestClient, gateway: Gateway, sealed_model: Path) -> None:
+    x = _rows(20, seed=4)
+    expected = _reference(sealed_model, x)
+    labels = client.post("/v1/predict", json={"inputs": x.tolist()}, headers=_key(gateway, "labels")).json()
+    assert labels["labels"] == expected.argmax(axis=1).tolist()
+    assert np.array_equal(np.array(labels["scores"]), np.eye(10)[expected.argmax(axis=1)])
+    top2 = np.array(
+        client.post("/v1/predict", json={"inputs": x.tolist()}, headers=_key(gateway, "top2")).json()["scores"]
+    )
+    assert ((top2 > 0).sum(axis=1) <= 2).all() and np.allclose(top2, np.round(top2, 3))
+    noisy_key = _key(gateway, "noisy")
+    a = client.post("/v1/predict", json={"inputs": x.tolist()}, headers=noisy_key).json()
+    b = client.post("/v1/predict", json={"inputs": x.tolist()}, headers=noisy_key).json()
+    assert a == b  # repeating a query gets the same noise: averaging buys nothing
+    assert a["labels"] == expected.argmax(axis=1).tolist() and not np.allclose(a["scores"], expected, atol=1e-3)
+    one = _key(gateway, "one-row")
+    assert client.post("/v1/predict", json={"inputs": x[:2].tolist()}, headers=one).status_code == 413
+    assert client.post("/v1/predict", json={"inputs": x[:1].tolist()}, headers=one).status_code == 200
+
+
+def test_audit_records_hashes_not_data_and_metrics_count(client: TestClient, gateway: Gateway) -> None:
+    headers = _key(gateway, "small")
+    x = _rows(3, seed=9)
+    client.post("/v1/predict", json={"inputs": x.tolist()}, headers=headers)
+    client.post("/v1/predict", json={"inputs": _rows(8).tolist()}, headers=headers)  # over the minute quota
+    client.post("/v1/predict", json={"inputs": x.tolist()})  # no key
+    gateway.flush()
+    lines = [json.loads(line) for line in gateway.config.audit_path.read_text().splitlines()]
+    predicts = [rec for rec in lines if rec["event"] == "predict"]
+    assert len(predicts) == 1 and predicts[0]["rows"] == 3 and predicts[0]["key"] == _key_id(headers)
+    assert len(predicts[0]["inputs"]) == 3 and all(len(h) == 24 for h in predicts[0]["inputs"])
+    text = gateway.config.audit_path.read_text()
+    assert f"{float(x[0, 0])!r}"[:8] not in text  # no raw values
+    refused = [(rec["status"], rec["reason"]) for rec in lines if rec["event"] == "refused"]
+    assert refused == [(429, "quota-exceeded"), (401, "invalid-api-key")]
+    metrics = client.get("/metrics", headers=_key(gateway, scopes=("metrics",))).text
+    assert f'modelseal_gateway_rows_total{{key="{_key_id(headers)}"}} 3.0' in metrics
+    assert f'modelseal_gateway_quota_refusals_total{{key="{_key_id(headers)}",period="minute"}} 1.0' in metrics
+    assert 'modelseal_gateway_requests_total{status="401",tier=""} 1.0' in metrics
+
+
+def test_unknown_routes_and_methods_are_json_4xx(client: TestClient) -> None:
+    assert client.get("/nope").status_code == 404
+    r = client.get("/v1/predict")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method-not-allowed"
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert "/v1/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_pickle_is_never_loaded(client: TestClient, gateway: Gateway, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (open, (str(marker), "w"))
+
+    arr = np.empty(1, dtype=object)
+    arr[0] = Evil()
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=True)
+    assert b"pwned" in buf.getvalue() or pickle.dumps(Evil())
+    r = client.post(
+        "/v1/predict", content=buf.getvalue(), headers={**_key(gateway), "Content-Type": "application/x-npy"}
+    )
+    assert r.status_code == 400 and not marker.exists()
