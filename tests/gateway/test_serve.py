@@ -1,0 +1,163 @@
+"""``modelseal serve`` as a user runs it: a real uvicorn process, several workers sharing quotas in a
+real Redis, keys made with the CLI, concurrent clients; and the CLI's answers to bad settings."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from modelseal.cli import app as cli_app
+
+from ..keyserver.live import free_port
+from .conftest import PASSPHRASE, PASSPHRASE_ENV
+from .redisharness import RedisServer
+
+CONFIG = """
+data_dir = "gw"
+key_refresh_s = 0.2
+
+[model]
+path = "{model}"
+passphrase_env = "{env}"
+
+[tiers.default]
+per_minute = 100
+policy = ["round:3"]
+
+[tiers.metrics]
+"""
+
+
+def _write_config(tmp_path: Path, sealed: Path) -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(CONFIG.format(model=sealed, env=PASSPHRASE_ENV), encoding="utf-8")
+    return path
+
+
+@contextmanager
+def serving(config: Path, *args: str) -> Iterator[str]:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELSEAL")}
+    env[PASSPHRASE_ENV] = PASSPHRASE
+    cmd = [sys.executable, "-m", "modelseal", "serve", "--config", str(config), "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, cwd=config.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+            if proc.poll() is not None:
+                pytest.fail(f"serve exited: {proc.stdout.read().decode() if proc.stdout else ''}")
+        else:
+            pytest.fail("the gateway did not come up")
+        yield base
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+        assert b"Traceback" not in out, out.decode()
+
+
+def _cli(*args: str) -> str:
+    result = CliRunner().invoke(cli_app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_two_workers_share_one_quota_in_redis(tmp_path: Path, sealed_model: Path, redis_server: RedisServer) -> None:
+    redis_server.flush()
+    config = _write_config(tmp_path, sealed_model)
+    token = _cli("gateway", "key", "create", "load", "--config", str(config)).strip().splitlines()[-1]
+    metrics_token = _cli("gateway", "key", "create", "ops", "--scope", "metrics", "--config", str(config)).split()[-1]
+    row = np.zeros((1, 32), np.float32).tolist()
+    with serving(config, "--workers", "2", "--redis-url", redis_server.url) as base:
+
+        def one(_: int) -> int:
+            with httpx.Client(timeout=30) as client:
+                r = client.post(
+                    f"{base}/v1/predict", json={"inputs": row}, headers={"Authorization": f"Bearer {token}"}
+                )
+                return r.status_code
+
+        if time.time() % 60 > 45:  # keep the burst inside one minute window
+            time.sleep(61 - time.time() % 60)
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            statuses = list(pool.map(one, range(160)))
+        # one minute window: exactly the limit is answered, whatever worker took each request
+        assert statuses.count(200) == 100, statuses
+        assert set(statuses) <= {200, 429}
+        metrics = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {metrics_token}"}).text
+        key_id = token.split("_")[1]
+        rows = [
+            line for line in metrics.splitlines() if line.startswith(f'modelseal_gateway_rows_total{{key="{key_id}"}}')
+        ]
+        assert rows and float(rows[0].split()[-1]) == statuses.count(200)  # summed over both workers
+        # revocation reaches every worker within key_refresh_s
+        _cli("gateway", "key", "revoke", key_id, "--config", str(config))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            r = httpx.post(f"{base}/v1/predict", json={"inputs": row}, headers={"Authorization": f"Bearer {token}"})
+            if r.status_code == 401:
+                break
+            time.sleep(0.1)
+        for _ in range(4):  # every worker now refuses it
+            r = httpx.post(f"{base}/v1/predict", json={"inputs": row}, headers={"Authorization": f"Bearer {token}"})
+            assert r.status_code == 401
+
+
+def test_key_admin_commands(tmp_path: Path, sealed_model: Path) -> None:
+    config = _write_config(tmp_path, sealed_model)
+    token = _cli("gateway", "key", "create", "alice", "--config", str(config)).split()[-1]
+    key_id = token.split("_")[1]
+    listing = _cli("gateway", "key", "list", "--config", str(config))
+    assert key_id in listing and token.split("_")[2] not in listing  # the secret is never shown again
+    assert '"tier": "metrics"' in _cli("gateway", "key", "update", key_id, "--tier", "metrics", "--config", str(config))
+    runner = CliRunner()
+    assert (
+        runner.invoke(
+            cli_app, ["gateway", "key", "update", key_id, "--tier", "gold", "--config", str(config)]
+        ).exit_code
+        == 2
+    )
+    assert runner.invoke(cli_app, ["gateway", "key", "revoke", "0" * 16, "--config", str(config)]).exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[model]\npath = 'm.mseal'\n[tiers.gold]\n", "a tier named 'default' is required"),
+        ("[model]\npath = 'm.mseal'\n[tiers.default]\npolicy = ['blur:3']\n", "unknown policy"),
+        ("[model]\npath = 'm.mseal'\ntrace_rate = 2\n", "model.trace_rate"),
+        ("port = 'x'\n[model]\npath = 'm.mseal'\n", "port"),
+        ("[model\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_exits_2_naming_the_setting(tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(text, encoding="utf-8")
+    result = CliRunner().invoke(cli_app, ["serve", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_wrong_key_for_the_model_fails_before_serving(tmp_path: Path, sealed_model: Path) -> None:
+    config = _write_config(tmp_path, sealed_model)
+    env = {**os.environ, PASSPHRASE_ENV: "not the passphrase"}
+    done = subprocess.run(
+        [sys.executable, "-m", "modelseal", "serve", "--config", str(config), "--port", str(free_port())],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 6 and "WrongKeyError" in done.stderr and "Traceback" not in done.stderr
