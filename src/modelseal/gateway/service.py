@@ -5,6 +5,7 @@ with no HTTP in it. Routes parse and translate; this raises :mod:`.errors` and r
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import threading
@@ -103,8 +104,8 @@ class Gateway:
         self.monitor = _open_monitor(config)
         dim = int(np.prod([d or 1 for d in self.runner.row_shape]))
         centre = scale = None
-        if self.monitor is not None:
-            centre, scale = getattr(self.monitor, "centre", None), getattr(self.monitor, "scale", None)
+        if self.monitor is not None and self.monitor.reference.dim == dim:  # coverage in the monitor's space
+            centre, scale = self.monitor.reference.mean, self.monitor.reference.scale
         self.pricer = CoveragePricer(dim, seed=derive(secret, "coverage"), centre=centre, scale=scale)
         self.tiers = {name: self._tier(name, tier) for name, tier in config.tiers.items()}
         self.metrics = Metrics()
@@ -349,7 +350,7 @@ def _assessment_dict(a: Any) -> dict[str, Any]:
         "queries": int(a.queries),
         "flagged": bool(a.flagged),
         "reasons": list(a.reasons),
-        "stats": {k: round(float(v), 6) for k, v in a.stats.items()},
+        "stats": {k: (round(float(v), 6) if math.isfinite(v) else None) for k, v in a.stats.items()},
     }
 
 
@@ -363,5 +364,10 @@ def _open_monitor(config: GatewayConfig) -> Any:
         reference = Reference.load(section.reference)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"monitor.reference: cannot load {section.reference}: {exc}") from None
-    thresholds = Thresholds.from_dict(section.thresholds) if section.thresholds else None
+    try:
+        # a statistic left out never flags (TOML can also say so with inf / -inf)
+        given = {**Thresholds().to_dict(), **section.thresholds} if section.thresholds else None
+        thresholds = Thresholds.from_dict(given) if given else None
+    except ValueError as exc:
+        raise ConfigError(f"monitor.thresholds: {exc}") from None
     return Monitor(reference, thresholds=thresholds)
