@@ -161,3 +161,60 @@ def test_wrong_key_for_the_model_fails_before_serving(tmp_path: Path, sealed_mod
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 6 and "WrongKeyError" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_monitor_calibrate_writes_a_config_the_gateway_loads(tmp_path: Path, sealed_model: Path) -> None:
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "train.npz", x=rng.normal(size=(2000, 32)).astype(np.float32), y=rng.integers(0, 10, 2000))
+    result = CliRunner().invoke(
+        cli_app,
+        [
+            "gateway",
+            "monitor",
+            "calibrate",
+            str(tmp_path / "train.npz"),
+            "--out",
+            str(tmp_path / "ref.npz"),
+            "--users",
+            "40",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    table = result.stdout
+    assert table.startswith("[monitor]\n") and "thresholds = { coverage = " in table
+    config = _write_config(tmp_path, sealed_model)
+    config.write_text(config.read_text().replace("[model]", table + "\n[model]"), encoding="utf-8")
+    from modelseal.gateway.service import Gateway
+    from modelseal.gateway.settings import load_config
+
+    os.environ[PASSPHRASE_ENV] = PASSPHRASE
+    try:
+        gateway = Gateway(load_config(config))
+    finally:
+        del os.environ[PASSPHRASE_ENV]
+    try:
+        assert gateway.monitor is not None and gateway.monitor.thresholds.coverage < float("inf")
+    finally:
+        gateway.close()
+    # a reference fitted on rows of another width is refused, naming the setting
+    np.savez(tmp_path / "wide.npz", x=rng.normal(size=(500, 64)).astype(np.float32), y=rng.integers(0, 10, 500))
+    assert (
+        CliRunner()
+        .invoke(
+            cli_app,
+            [
+                "gateway",
+                "monitor",
+                "calibrate",
+                str(tmp_path / "wide.npz"),
+                "--out",
+                str(tmp_path / "ref.npz"),
+                "--users",
+                "10",
+            ],
+        )
+        .exit_code
+        == 0
+    )
+    result = CliRunner().invoke(cli_app, ["serve", "--config", str(config)], env={PASSPHRASE_ENV: PASSPHRASE})
+    assert result.exit_code == 2 and "monitor.reference" in result.output

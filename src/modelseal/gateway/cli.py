@@ -63,6 +63,10 @@ def app_from_env() -> Any:
     return create_app(Gateway(config, migrate=False))
 
 
+def _toml_float(value: float) -> str:
+    return "inf" if value == float("inf") else "-inf" if value == float("-inf") else repr(float(value))
+
+
 def _uvicorn_options() -> dict[str, Any]:
     import importlib.util
 
@@ -80,9 +84,54 @@ def register(app: typer.Typer, translate: Callable[[], AbstractContextManager[No
     gw_app = typer.Typer(help="Administer the inference gateway: API keys, tracing.", no_args_is_help=True)
     key_app = typer.Typer(help="API keys (direct database access on the gateway host).", no_args_is_help=True)
     trace_app = typer.Typer(help="Name the API key a suspect model was extracted through.", no_args_is_help=True)
+    monitor_app = typer.Typer(help="Fit and calibrate the extraction monitor.", no_args_is_help=True)
     app.add_typer(gw_app, name="gateway")
     gw_app.add_typer(key_app, name="key")
     gw_app.add_typer(trace_app, name="trace")
+    gw_app.add_typer(monitor_app, name="monitor")
+
+    @monitor_app.command("calibrate")
+    def monitor_calibrate(
+        data: Annotated[
+            Path, typer.Argument(help="Training-distribution sample: an .npz with x (rows) and y (labels).")
+        ],
+        output: Annotated[Path, typer.Option("--out", "-o", help="Write the monitor's reference (.npz) here.")],
+        traffic: Annotated[
+            Path | None,
+            typer.Option("--traffic", help="Recorded benign traffic: .npz with x (rows) and key (one id per row)."),
+        ] = None,
+        users: Annotated[int, typer.Option(help="Simulated benign users when no --traffic is given.")] = 200,
+        target_fpr: Annotated[
+            float, typer.Option("--target-fpr", help="Share of benign keys allowed to be flagged.")
+        ] = 0.01,
+        seed: Annotated[int, typer.Option(help="Seeds the hyperplanes and the simulation.")] = 0,
+    ) -> None:
+        """Fit the monitor's reference on DATA and set thresholds on benign traffic; print the [monitor] table."""
+        with translate():
+            import numpy as np
+
+            from .monitor import Reference, calibrate, simulate_benign
+
+            with np.load(data, allow_pickle=False) as npz:
+                x, y = npz["x"], npz["y"]
+            reference = Reference.fit(x.reshape(len(x), -1), seed=seed)
+            if traffic is not None:
+                with np.load(traffic, allow_pickle=False) as npz:
+                    rows, keys = npz["x"], npz["key"]
+                streams = [rows[keys == k].reshape(int((keys == k).sum()), -1) for k in np.unique(keys)]
+                source = f"{len(streams)} recorded benign keys"
+            else:
+                streams = [
+                    simulate_benign(x, y, seed=seed * 100_003 + i).reshape(-1, reference.dim) for i in range(users)
+                ]
+                source = f"{users} simulated benign users (docs/gateway.md states the simulation's assumptions)"
+            thresholds = calibrate(reference, streams, target_fpr=target_fpr)
+            reference.save(output)
+            print(f"# reference fitted on {len(x)} rows; thresholds from {source}", file=sys.stderr)
+            print("[monitor]")
+            print(f'reference = "{output}"')
+            values = ", ".join(f"{k} = {_toml_float(v)}" for k, v in thresholds.to_dict().items())
+            print(f"thresholds = {{ {values} }}")
 
     @app.command("serve")
     def serve(

@@ -104,7 +104,11 @@ class Gateway:
         self.monitor = _open_monitor(config)
         dim = int(np.prod([d or 1 for d in self.runner.row_shape]))
         centre = scale = None
-        if self.monitor is not None and self.monitor.reference.dim == dim:  # coverage in the monitor's space
+        if self.monitor is not None:  # coverage pricing works in the monitor's standardised space
+            if self.monitor.reference.dim != dim:
+                raise ConfigError(
+                    f"monitor.reference: fitted on rows of {self.monitor.reference.dim} values; the model takes {dim}"
+                )
             centre, scale = self.monitor.reference.mean, self.monitor.reference.scale
         self.pricer = CoveragePricer(dim, seed=derive(secret, "coverage"), centre=centre, scale=scale)
         self.tiers = {name: self._tier(name, tier) for name, tier in config.tiers.items()}
