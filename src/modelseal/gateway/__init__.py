@@ -1,5 +1,5 @@
-"""The protected inference gateway (issue 6; design: docs/spec/gateway-v1.md).
+"""The protected inference gateway (docs/spec/gateway-v1.md; user guide docs/gateway.md).
 
-Built so far: traceable answers (:mod:`.trace`) and output policies (:mod:`.policies`), as pure
-functions over score arrays. The server, keys, quotas and the extraction monitor are not built yet.
+``modelseal serve`` runs it; :mod:`.service` is everything a prediction goes through, :mod:`.app`
+its HTTP front. Nothing here is imported by ``import modelseal``.
 """
