@@ -40,6 +40,8 @@ unit: $(STAMP)
 fuzz: $(STAMP)
 	rm -rf .fuzz-corpus && mkdir .fuzz-corpus && cp tests/vectors/*.mseal* .fuzz-corpus/
 	$(BIN)/python fuzz/fuzz_parse_header.py -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -print_final_stats=1 .fuzz-corpus
+	rm -rf .fuzz-gateway && mkdir .fuzz-gateway && printf '{"inputs": [[1, 2, 3, 4]]}' > .fuzz-gateway/json
+	$(BIN)/python fuzz/fuzz_gateway_request.py -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -print_final_stats=1 .fuzz-gateway
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_container.py
