@@ -33,7 +33,8 @@ class TierConfig(_Strict):
     """Output policies in order: ``top_k:K``, ``round:D``, ``noise:SIGMA``, ``label_only``, ``coverage``."""
     on_alert: Literal["log", "alert", "throttle", "degrade"] = "alert"
     """What the monitor's flag does to the key: log it; also count an alert metric; also cut its
-    quotas by ``throttle_factor``; or also switch its answers to ``degraded_policy``."""
+    quotas by ``throttle_factor`` (only the limits the tier sets: an unlimited window stays
+    unlimited); or also switch its answers to ``degraded_policy``."""
     throttle_factor: float = Field(0.1, gt=0, le=1)
     degraded_policy: list[str] = ["label_only"]
     trace: bool = True
