@@ -100,28 +100,42 @@ _LOADERS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray, str, tuple[int, .
 _STANDARDIZE = {"breast_cancer"}  # tabular features on wildly different scales
 
 
-def _split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Stratified 60/20/20 row indices (train, test, pool)."""
+def _split(y: np.ndarray, seed: int, pool_fraction: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stratified 60/20/20 row indices (train, test, pool); with ``pool_fraction``, the pool takes that
+    share, the test set still 20% and the training set the rest."""
     idx = np.arange(len(y))
-    train, rest = train_test_split(idx, train_size=_TRAIN, stratify=y, random_state=seed)
-    test, pool = train_test_split(rest, train_size=_TEST / (1 - _TRAIN), stratify=y[rest], random_state=seed)
+    if pool_fraction is None:
+        train, rest = train_test_split(idx, train_size=_TRAIN, stratify=y, random_state=seed)
+        test, pool = train_test_split(rest, train_size=_TEST / (1 - _TRAIN), stratify=y[rest], random_state=seed)
+    else:
+        train, rest = train_test_split(idx, test_size=_TEST + pool_fraction, stratify=y, random_state=seed)
+        test, pool = train_test_split(
+            rest, train_size=_TEST / (_TEST + pool_fraction), stratify=y[rest], random_state=seed
+        )
     return np.asarray(train, dtype=np.int64), np.asarray(test, dtype=np.int64), np.asarray(pool, dtype=np.int64)
 
 
-def load_dataset(name: str, seed: int = 0) -> Dataset:
+def load_dataset(name: str, seed: int = 0, pool_fraction: float | None = None) -> Dataset:
     """Load dataset ``name`` (one of :data:`DATASETS`) split with ``seed``.
+
+    ``pool_fraction`` re-splits the data for a larger (or smaller) attacker pool: the pool gets that
+    share of the rows, the test set keeps its 20% and the owner's training set gets the rest (digits
+    with ``pool_fraction=0.4`` has 720 pool rows and 718 training rows). ``None`` (the default) is
+    the 60/20/20 split above, unchanged.
 
     digits: 8x8 images with pixels scaled to [0, 1], shape ``(n, 1, 8, 8)``, 10 classes.
     breast_cancer: 30 features standardized with the training split's mean and standard deviation
     (so ``feature_mean`` / ``feature_std`` are about 0 / 1), shape ``(n, 30)``, 2 classes.
 
     Raises:
-        ValueError: Unknown ``name``.
+        ValueError: Unknown ``name``; ``pool_fraction`` not in (0, 0.7].
     """
     if name not in _LOADERS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if pool_fraction is not None and not 0.0 < pool_fraction <= 0.7:
+        raise ValueError(f"pool_fraction must be in (0, 0.7] (the owner keeps at least 10%), got {pool_fraction}")
     x, y, kind, input_shape = _LOADERS[name]()
-    train, test, pool = _split(y, seed)
+    train, test, pool = _split(y, seed, pool_fraction)
     if name in _STANDARDIZE:
         # Statistics from the training split only: test and pool must not leak into preprocessing.
         mean, std = x[train].mean(axis=0), x[train].std(axis=0)
