@@ -467,6 +467,32 @@ def register(app: typer.Typer, translate: Callable[[], AbstractContextManager[No
             met = sum(t["met"] for t in report["targets"])
             print(f"targets met: {met} of {len(report['targets'])}; wrote {', '.join(str(f) for f in files)}")
 
+    @lab_app.command("report")
+    def lab_report(
+        out: Annotated[Path, typer.Option("--out", "-o", help="Directory for report.json/.md/.html and plots.")] = Path(
+            "stealing-report"
+        ),
+        fast: Annotated[bool, typer.Option("--fast", help="The small subset the test suite runs.")] = False,
+        seed: Annotated[int, typer.Option("--seed")] = 0,
+    ) -> None:
+        """Attack a victim with every extraction attack under every gateway defence; write the report."""
+        import dataclasses
+        import time
+
+        from .lab.stealing import FAST, FULL, run_stealing, write_stealing_report
+
+        with translate():
+            config = dataclasses.replace(FAST if fast else FULL, seed=seed)
+            started = time.perf_counter()
+
+            def progress(message: str) -> None:
+                print(f"[{time.perf_counter() - started:6.1f} s] {message}", flush=True)
+
+            report = run_stealing(config, progress=progress)
+            files = write_stealing_report(report, out)
+            met = sum(t["met"] for t in report["targets"])
+            print(f"targets met: {met} of {len(report['targets'])}; wrote {', '.join(str(f) for f in files)}")
+
     def _references(specs: list[str], arch: str | None) -> Iterator[Suspect]:
         for spec in specs:
             suspect = _suspect(spec, arch=arch)
