@@ -441,15 +441,24 @@ def _art_rows(model: torch.nn.Module, ds: Dataset, config: StealingConfig, say: 
     except ImportError as exc:
         return {"skipped": f"IBM ART is not installed ({exc})"}
     rows = []
-    for attack in ("copycat", "knockoff-random"):
-        for outputs in config.outputs:
+    # ART's knockoff "random" is its copycat code (a sample without replacement), so it is not repeated;
+    # its adaptive strategy needs the pool's true labels and trains on top-1 labels only (ART's design).
+    for attack in ("copycat", "knockoff-adaptive"):
+        for outputs in config.outputs if attack == "copycat" else ("labels",):
             for budget in config.budgets:
                 r = art_reference.art_extract(
                     model, ds, attack=attack, budget=budget, outputs=outputs, seed=config.seed
                 )
                 rows.append({"attack": attack, "outputs": outputs, "budget": budget, **r})
                 say(f"ART {attack} {outputs} {budget}: acc {r['accuracy']:.3f} fid {r['fidelity']:.3f}")
-    return {"rows": rows}
+    # ART 1.20.1's ClassLabels postprocessor marks every class predicted anywhere in a batch (upstream
+    # PR #2824), which leaves a thief at chance for the wrong reason: it is left out of the table.
+    kept = [p for p in art_reference.POSTPROCESSORS if p != "class_labels"]
+    table = art_reference.art_postprocessor_table(
+        model, ds, budgets=tuple(b for b in config.budgets if b <= 500), seed=config.seed, postprocessors=(None, *kept)
+    )
+    say("ART postprocessor table done")
+    return {"rows": rows, "postprocessors": art_reference.format_postprocessor_table(table)}
 
 
 def _encoder_study(config: StealingConfig, say: Progress) -> dict[str, Any]:
@@ -635,7 +644,25 @@ def _markdown(report: dict[str, Any]) -> str:
         factor = "not reached" if q["factor"] is None else f"{q['factor']:.1f}x"
         lines.append(f"| {q['attack']} | {q['outputs']} | {q['defence']} | {q['budget_needed'] or '-'} | {factor} |")
     if "live" in report:
-        lines += ["", "## Through a live gateway with sybil keys", "", "```", str(report["live"]), "```"]
+        live = report["live"]
+        if "skipped" in live:
+            lines += ["", "## Through a live gateway with sybil keys", "", live["skipped"]]
+        else:
+            trace = live["trace"]
+            per_key = ", ".join(f"{q}" for q in live["queries_by_key"].values())
+            lines += [
+                "",
+                "## Through a live gateway with sybil keys",
+                "",
+                f"Copycat with probabilities through `modelseal serve` (HTTP, in process) using "
+                f"{live['sybil_keys']} API keys with a quota of {live['per_key_quota']} rows each: "
+                f"{live['queries']} queries answered ({per_key} per key), stolen accuracy {live['accuracy']:.3f}. "
+                f"Tracing: {trace['decision']}"
+                + (f" (named {', '.join(trace['named'])})" if trace["named"] else "")
+                + "; per key: "
+                + ", ".join(f"{k['matches']}/{k['queries']} (p {k['p_value']:.2g})" for k in trace["keys"])
+                + ".",
+            ]
     if "art" in report:
         lines += ["", "## IBM ART reference (same victim, same pool)", ""]
         if "rows" in report["art"]:
