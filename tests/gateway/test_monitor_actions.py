@@ -48,7 +48,9 @@ def test_an_out_of_distribution_key_is_flagged_and_degraded_and_others_are_not(m
     _, user = monitored.store.create("user")
     with TestClient(create_app(monitored)) as client:
         before = _send(client, user, benign[:50])
-        thief_answers = _send(client, thief, odd)
+        thief_answers = _send(client, thief, odd[:150])
+        monitored.flush()  # the monitor observes beside the request path; let it catch up
+        thief_answers += _send(client, thief, odd[150:])
         after = _send(client, user, benign[:50])
         user_rest = _send(client, user, benign[50:])
     # the thief's first answers carry scores; once flagged (after >= 100 queries) labels only
@@ -70,7 +72,9 @@ def test_a_throttled_key_gets_a_fraction_of_its_quota(monitored: Gateway) -> Non
     odd = (8 * np.random.default_rng(3).normal(size=(200, 32))).astype(np.float32)
     _, token = monitored.store.create("heavy", tier="throttled")
     with TestClient(create_app(monitored)) as client:
-        answers = _send(client, token, odd)
+        answers = _send(client, token, odd[:150])
+        monitored.flush()
+        answers += _send(client, token, odd[150:])
     # flagged at 100-150 queries; from then on the per-minute limit is 10_000 * 0.01 = 100 rows
     statuses = [a["status"] for a in answers]
     assert statuses[:2] == [200, 200] and statuses[-1] == 429

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import struct
 from functools import cached_property
 
@@ -17,11 +18,21 @@ class Batch:
     records a prefix of them instead of the data.
     """
 
-    __slots__ = ("__dict__", "key_id", "x")
+    __slots__ = ("__dict__", "_keyed", "key_id", "x")
 
     def __init__(self, key_id: str, x: np.ndarray) -> None:
         self.key_id = key_id
         self.x = x
+        self._keyed: dict[bytes, list[bytes]] = {}
+
+    def keyed(self, secret: bytes) -> list[bytes]:
+        """``HMAC-SHA256(secret, key_id || 0x00 || digest)`` per row, computed once per secret: the
+        tracer reads bytes 0-12 and the keyed noise bytes 16-24 of the same MAC."""
+        out = self._keyed.get(secret)
+        if out is None:
+            prefix = self.key_id.encode("utf-8") + b"\x00"
+            out = self._keyed[secret] = [hmac.new(secret, prefix + d, hashlib.sha256).digest() for d in self.digests]
+        return out
 
     def __len__(self) -> int:
         return len(self.x)

@@ -37,6 +37,9 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=reg,
         )
+        self.monitor_dropped = Counter(
+            f"{ns}_monitor_dropped_rows", "Rows the monitor could not observe (queue full)", registry=reg
+        )
         self.audit_dropped = Counter(f"{ns}_audit_dropped", "Audit records dropped (writer behind)", registry=reg)
 
     def render(self) -> tuple[bytes, str]:

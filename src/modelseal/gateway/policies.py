@@ -11,7 +11,6 @@ thief has to cover all of it.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -73,13 +72,10 @@ def _splitmix(z: np.ndarray) -> np.ndarray:
 
 
 def keyed_normals(secret: bytes, batch: Batch, k: int) -> np.ndarray:
-    """(n, k) standard normals fixed by (secret, key id, row): an HMAC per row seeds a SplitMix64
-    stream expanded in numpy, so the cost is one HMAC per row, not one generator per row."""
-    prefix = batch.key_id.encode("utf-8") + b"\x00"
-    seeds = np.array(
-        [int.from_bytes(hmac.new(secret, prefix + d, hashlib.sha256).digest()[:8], "little") for d in batch.digests],
-        dtype=np.uint64,
-    )
+    """(n, k) standard normals fixed by (secret, key id, row): the row's MAC (:meth:`Batch.keyed`)
+    seeds a SplitMix64 stream expanded in numpy, so the cost is one HMAC per row, not one generator."""
+    # bytes 16-24 of the per-row MAC the tracer also reads (bytes 0-12): one HMAC per row for both
+    seeds = np.array([int.from_bytes(m[16:24], "little") for m in batch.keyed(secret)], dtype=np.uint64)
     with np.errstate(over="ignore"):
         counters = seeds[:, None] + _GOLDEN * np.arange(1, 2 * k + 1, dtype=np.uint64)[None, :]
     bits = _splitmix(counters) >> np.uint64(11)  # 53 random bits

@@ -99,8 +99,10 @@ class Gateway:
             self.store.migrate()
         self.runner = runner or open_runner(config.model)
         self.quota = quota or open_quota(config.redis_url)
-        self.tracer = Tracer(derive(secret, "trace"), rate=config.trace_rate)
-        self._noise_secret = derive(secret, "noise")
+        # one MAC per row serves the tracer (bytes 0-12) and the keyed noise (bytes 16-24)
+        answers_secret = derive(secret, "answers")
+        self.tracer = Tracer(answers_secret, rate=config.trace_rate)
+        self._noise_secret = answers_secret
         self.monitor = _open_monitor(config)
         dim = int(np.prod([d or 1 for d in self.runner.row_shape]))
         centre = scale = None
@@ -118,6 +120,10 @@ class Gateway:
         self._flag_lock = threading.Lock()
         self._traces: queue.Queue[TraceRecord] = queue.Queue(100_000)
         self._trace_thread: threading.Thread | None = None
+        # the monitor runs beside the request path: requests queue their rows, one thread observes
+        # them in batches (numpy's per-call overhead paid once per batch, not per request)
+        self._observations: queue.Queue[tuple[ApiKey, np.ndarray]] = queue.Queue(100_000)
+        self._monitor_thread: threading.Thread | None = None
         self._stop = threading.Event()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -127,12 +133,16 @@ class Gateway:
             self._stop.clear()
             self._trace_thread = threading.Thread(target=self._write_traces, name="gateway-traces", daemon=True)
             self._trace_thread.start()
+        if self._monitor_thread is None and self.monitor is not None:
+            self._monitor_thread = threading.Thread(target=self._watch, name="gateway-monitor", daemon=True)
+            self._monitor_thread.start()
 
     def close(self) -> None:
         self._stop.set()
-        if self._trace_thread is not None:
-            self._trace_thread.join(10)
-            self._trace_thread = None
+        for thread in (self._trace_thread, self._monitor_thread):
+            if thread is not None:
+                thread.join(10)
+        self._trace_thread = self._monitor_thread = None
         self.audit.close()
         self.quota.close()
         self.store.dispose()
@@ -140,7 +150,7 @@ class Gateway:
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until queued trace records and audit lines are written."""
         deadline = time.monotonic() + timeout
-        while self._traces.unfinished_tasks and time.monotonic() < deadline:
+        while (self._traces.unfinished_tasks or self._observations.unfinished_tasks) and time.monotonic() < deadline:
             time.sleep(0.005)
         self.audit.flush(max(0.0, deadline - time.monotonic()))
 
@@ -203,12 +213,14 @@ class Gateway:
         for axis, (got, want) in enumerate(zip(x.shape[1:], shape, strict=True), start=1):
             if want is not None and got != want:
                 raise MalformedRequest(f"inputs: dimension {axis} must be {want}, got {got}")
-        if x.dtype.kind == "f" and not np.isfinite(x).all():
-            raise MalformedRequest("inputs hold NaN or infinity")
         with np.errstate(over="ignore", invalid="ignore"):
             cast = x.astype(self.runner.dtype, copy=False)
-        if self.runner.dtype.kind == "f" and not np.isfinite(cast).all():
+        if self.runner.dtype.kind == "f" and not np.isfinite(cast).all():  # one pass on the happy path
+            if x.dtype.kind == "f" and not np.isfinite(x).all():
+                raise MalformedRequest("inputs hold NaN or infinity")
             raise MalformedRequest(f"inputs overflow the model's {self.runner.dtype}")
+        if x.dtype.kind == "f" and self.runner.dtype.kind != "f" and not np.isfinite(x).all():
+            raise MalformedRequest("inputs hold NaN or infinity")
         return cast
 
     def predict(self, key: ApiKey, x: np.ndarray) -> Answer:
@@ -245,11 +257,11 @@ class Gateway:
                 if traced:
                     self._queue_traces(key.id, x, plan, original, altered)
             labels = probs.argmax(axis=1)
-            assessment = None
             if self.monitor is not None:
-                assessment = self.monitor.observe(key.id, x)
-                if assessment.flagged and not flagged:
-                    flagged = self._flag(key, tier, assessment)
+                try:
+                    self._observations.put_nowait((key, x))
+                except queue.Full:  # the monitor is behind: say so rather than slow every request
+                    self.metrics.monitor_dropped.inc(len(x))
             degraded = flagged and tier.config.on_alert == "degrade"
             scores = (tier.degraded if degraded else tier.policy)(batch, probs)
             self.metrics.rows.labels(key.id).inc(len(x))
@@ -263,10 +275,10 @@ class Gateway:
                 key=key.id,
                 tier=tier.name,
                 rows=len(x),
-                inputs=[d[:12].hex() for d in batch.digests],
+                inputs=batch.digests,  # the writer thread keeps the first 12 bytes, in hex
                 policy=policy_name,
                 traced=traced,
-                monitor=None if assessment is None else _assessment_dict(assessment),
+                flagged=flagged,
             )
             return Answer(labels, scores, policy_name)
         except Exception as exc:
@@ -287,6 +299,36 @@ class Gateway:
     def refused_unauthenticated(self, reason: str) -> None:
         self.metrics.requests.labels("", "401").inc()
         self.audit.write("refused", key=None, status=401, reason=reason)
+
+    def _watch(self) -> None:
+        """The monitor thread: observe queued rows per key, in batches; flag keys as they cross."""
+        assert self.monitor is not None
+        while not self._stop.is_set() or self._observations.unfinished_tasks:
+            try:
+                first = self._observations.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            items = [first]
+            while len(items) < 256:
+                try:
+                    items.append(self._observations.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                by_key: dict[str, tuple[ApiKey, list[np.ndarray]]] = {}
+                for key, rows in items:  # each key's rows in arrival order
+                    by_key.setdefault(key.id, (key, []))[1].append(rows)
+                for key, chunks in by_key.values():
+                    assessment = self.monitor.observe(key.id, np.concatenate(chunks) if len(chunks) > 1 else chunks[0])
+                    if assessment.flagged and key.id not in self._flagged:
+                        tier = self.tiers.get(key.tier)
+                        if tier is not None:
+                            self._flag(key, tier, assessment)
+            except Exception:  # a bug must not stop the monitor for every key: log it, go on
+                log.exception("the extraction monitor failed on a batch")
+            finally:
+                for _ in items:
+                    self._observations.task_done()
 
     def _flag(self, key: ApiKey, tier: _Tier, assessment: Any) -> bool:
         with self._flag_lock:

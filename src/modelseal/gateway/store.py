@@ -141,6 +141,7 @@ class KeyStore:
         self._cache_at = -1e300
         self._cache_lock = threading.Lock()
         self._dummy = hmac.new(self._pepper, b"dummy", hashlib.sha256).digest()
+        self._since_trim = 0
 
     # -- schema ---------------------------------------------------------------------------------
     def migrate(self, revision: str = "head") -> None:
@@ -252,7 +253,8 @@ class KeyStore:
 
     # -- traces ---------------------------------------------------------------------------------
     def add_traces(self, records: Sequence[TraceRecord], *, keep: int) -> None:
-        """Store altered answers; each key keeps its newest ``keep``."""
+        """Store altered answers; each key keeps its newest ``keep`` (checked every 1,000 records, so
+        a key may briefly hold up to ``keep + 1000``)."""
         if not records:
             return
         now = int(time.time())
@@ -270,7 +272,11 @@ class KeyStore:
                     for r in records
                 ],
             )
-            for key_id in {r.key_id for r in records}:
+            self._since_trim += len(records)
+            if self._since_trim < 1000:  # trimming scans a key's records: do it once per 1,000 inserts
+                return
+            self._since_trim = 0
+            for key_id in self.traced_keys_in(conn):
                 cutoff = conn.execute(
                     sa.select(traces_table.c.seq)
                     .where(traces_table.c.key_id == key_id)
@@ -282,6 +288,10 @@ class KeyStore:
                     conn.execute(
                         traces_table.delete().where(traces_table.c.key_id == key_id, traces_table.c.seq <= cutoff)
                     )
+
+    @staticmethod
+    def traced_keys_in(conn: Connection) -> list[str]:
+        return [str(k) for k in conn.execute(sa.select(traces_table.c.key_id).distinct()).scalars()]
 
     def traces(self, key_id: str, *, limit: int | None = None) -> list[TraceRecord]:
         q = traces_table.select().where(traces_table.c.key_id == key_id).order_by(traces_table.c.seq)

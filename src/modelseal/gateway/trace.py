@@ -11,9 +11,6 @@ verifier (:mod:`.tracing`) tests against.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-
 import numpy as np
 
 from .batch import Batch
@@ -40,9 +37,7 @@ class Tracer:
         out = np.full(len(batch), -1, dtype=np.int64)
         if self._threshold == 0:
             return out
-        prefix = batch.key_id.encode("utf-8") + b"\x00"
-        for i, d in enumerate(batch.digests):
-            digest = hmac.new(self._secret, prefix + d, hashlib.sha256).digest()
+        for i, digest in enumerate(batch.keyed(self._secret)):
             if int.from_bytes(digest[:8], "little") >= self._threshold:
                 continue
             shift = int.from_bytes(digest[8:12], "little") % (num_classes - 1)
