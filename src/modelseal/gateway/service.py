@@ -44,8 +44,8 @@ class Answer:
 def load_secret(data_dir: Path) -> bytes:
     """The gateway's 32-byte secret (``DATA_DIR/gateway.secret``, 0600), created on first start.
 
-    Every keyed function derives its own key from it (HKDF-SHA256): the API key pepper, the trace
-    secret, the noise secret and the coverage hyperplanes' seed. Replicas that share a key database
+    Every keyed function derives its own key from it (HKDF-SHA256): the API key pepper, the
+    answers secret (tracing and keyed noise) and the coverage hyperplanes' seed. Replicas that share a key database
     must share this file.
     """
     path = data_dir / SECRET_FILE
