@@ -60,15 +60,17 @@ def label_only() -> Policy:
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
+_STEPS: dict[int, np.ndarray] = {}
 
 
 def _splitmix(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser over an array (wrapping uint64 arithmetic)."""
-    with np.errstate(over="ignore"):
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        out: np.ndarray = z ^ (z >> np.uint64(31))
-        return out
+    """SplitMix64's finaliser over a uint64 array (array arithmetic wraps silently, as it must)."""
+    z = (z ^ (z >> _S30)) * _MIX1
+    z = (z ^ (z >> _S27)) * _MIX2
+    out: np.ndarray = z ^ (z >> _S31)
+    return out
 
 
 def keyed_normals(secret: bytes, batch: Batch, k: int) -> np.ndarray:
@@ -76,12 +78,12 @@ def keyed_normals(secret: bytes, batch: Batch, k: int) -> np.ndarray:
     seeds a SplitMix64 stream expanded in numpy, so the cost is one HMAC per row, not one generator."""
     # bytes 16-24 of the per-row MAC the tracer also reads (bytes 0-12): one HMAC per row for both
     seeds = np.array([int.from_bytes(m[16:24], "little") for m in batch.keyed(secret)], dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        counters = seeds[:, None] + _GOLDEN * np.arange(1, 2 * k + 1, dtype=np.uint64)[None, :]
-    bits = _splitmix(counters) >> np.uint64(11)  # 53 random bits
-    u = (bits.astype(np.float64) + 0.5) / float(1 << 53)  # in (0, 1)
-    u1, u2 = u[:, :k], u[:, k:]
-    normals: np.ndarray = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)  # Box-Muller
+    steps = _STEPS.get(k)
+    if steps is None:
+        steps = _STEPS[k] = (_GOLDEN * np.arange(1, 2 * k + 1, dtype=np.uint64))[None, :]
+    bits = _splitmix(seeds[:, None] + steps) >> _S11  # 53 random bits
+    u = (bits.astype(np.float64) + 0.5) * (1.0 / float(1 << 53))  # in (0, 1)
+    normals: np.ndarray = np.sqrt(-2.0 * np.log(u[:, :k])) * np.cos((2.0 * np.pi) * u[:, k:])  # Box-Muller
     return normals
 
 
