@@ -72,8 +72,9 @@ class AuditLog:
     def _run(self) -> None:
         while True:
             item = self._queue.get()
+            time.sleep(0.01)  # gather a burst: one wake-up and one write per burst, not per record
             items = [item]
-            while len(items) < 1000:
+            while len(items) < 5000:
                 try:
                     items.append(self._queue.get_nowait())
                 except queue.Empty:

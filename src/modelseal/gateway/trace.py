@@ -1,12 +1,12 @@
 """Traceable answers (docs/spec/gateway-v1.md §7): a keyed, deterministic few answers per API key.
 
-For an API key K and an input row x with digest d (:attr:`~.batch.Batch.digests`), the row's MAC
-``HMAC-SHA256(secret, key_id || 0x00 || d)`` (:meth:`~.batch.Batch.keyed`) decides whether the answer is altered (its first 8
-bytes, as a fraction of 2**64, below ``rate``) and to which class (the next 4 bytes pick one of the
-other K-1 classes). The same key and input always get the same answer, so a model distilled through
-K reproduces K's alterations on the inputs K sent, while a model that never saw K's answers matches
-an altered label with probability at most 1/(K-1), whatever it is: that bound is the null the
-verifier (:mod:`.tracing`) tests against.
+For an API key K and an input row x with digest d (:attr:`~.batch.Batch.digests`), the row's
+MAC ``HMAC-SHA256(secret, key_id || 0x00 || d)`` (:meth:`~.batch.Batch.keyed`) decides whether
+the answer is altered (its first 8 bytes, as a fraction of 2**64, below ``rate``) and to which
+class (the next 4 bytes pick one of the other K-1 classes). The same key and input always get the
+same answer, so a model distilled through K reproduces K's alterations on the inputs K sent, while
+a model that never saw K's answers matches an altered label with probability at most 1/(K-1),
+whatever it is: that bound is the null the verifier (:mod:`.tracing`) tests against.
 """
 
 from __future__ import annotations
