@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 FUZZ_SECONDS ?= 30
 
-.PHONY: demo test sysdeps lint typecheck unit fuzz bench bench-keyserver bench-removal clean
+.PHONY: demo test sysdeps lint typecheck unit fuzz bench bench-keyserver bench-removal bench-gateway bench-stealing clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,14 @@ bench-keyserver: $(STAMP) sysdeps
 # Ownership proof against removal attacks (docs/ownership.md): about 2-3 minutes on 2 cores.
 bench-removal: $(STAMP)
 	$(BIN)/modelseal lab removal --out docs/removal
+
+# The gateway against a bare FastAPI + ONNX Runtime endpoint (docs/benchmarks.md): about 6 minutes.
+bench-gateway: $(STAMP)
+	$(BIN)/python benchmarks/bench_gateway.py
+
+# The stealing lab (docs/lab.md): every attack against every gateway defence, about 10 minutes.
+bench-stealing: $(STAMP)
+	$(BIN)/modelseal lab report --out docs/stealing
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
