@@ -111,7 +111,7 @@ def test_the_key_a_copy_was_extracted_through_is_named(
     gateway.close()
     result = CliRunner().invoke(
         cli_app,
-        ["gateway", "trace", "verify", str(onnx_copy), "--num-classes", "10", "--data-dir", str(config.data_dir),
+        ["gateway", "trace", "verify", str(onnx_copy), "--data-dir", str(config.data_dir),
          "--json", str(tmp_path / "verdict.json")],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -124,7 +124,11 @@ def test_the_key_a_copy_was_extracted_through_is_named(
     assert result.exit_code == 14, result.output
 
 
-def test_tracing_refuses_two_classes(gateway_factory: Callable[..., Gateway]) -> None:
+def test_tracing_refuses_a_wrong_or_too_small_number_of_classes(gateway_factory: Callable[..., Gateway]) -> None:
     gateway = gateway_factory()
+    assert gateway.store.meta("num_classes") == "10"  # recorded when the model was served
+    with pytest.raises(OwnershipError, match="10 classes, not 11"):  # overstating K shrinks the null
+        trace_suspect(gateway.store, object(), num_classes=11)
+    gateway.store.set_meta("num_classes", "2")
     with pytest.raises(OwnershipError, match="three classes"):
-        trace_suspect(gateway.store, object(), num_classes=2)
+        trace_suspect(gateway.store, object())

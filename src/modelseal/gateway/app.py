@@ -117,10 +117,31 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _check_npy_header(body: bytes) -> None:
+    """Refuse a ``.npy`` whose header declares more data than the body holds, before numpy allocates
+    the declared shape (a 100-byte body could otherwise ask for gigabytes)."""
+    buf = io.BytesIO(body)
+    try:
+        version = np.lib.format.read_magic(buf)
+        shape, _fortran, dtype = (
+            np.lib.format.read_array_header_1_0(buf) if version == (1, 0) else np.lib.format.read_array_header_2_0(buf)
+        )
+    except Exception:  # numpy raises ValueError and friends for a bad header
+        raise MalformedRequest("the body is not a valid .npy array (pickled objects are refused)") from None
+    if dtype.hasobject:
+        raise MalformedRequest("the body is not a valid .npy array (pickled objects are refused)")
+    count = 1
+    for d in shape:
+        count *= int(d)
+    if count * dtype.itemsize > len(body) - buf.tell():
+        raise MalformedRequest("the .npy header declares more data than the body holds")
+
+
 def parse_inputs(body: bytes, content_type: str) -> np.ndarray:
     """The batch in ``body`` (JSON ``{"inputs": [...]}`` or one ``.npy`` array)."""
     kind = content_type.split(";", 1)[0].strip().lower()
     if kind == NPY:
+        _check_npy_header(body)
         try:
             arr = np.load(io.BytesIO(body), allow_pickle=False)
         except Exception:  # numpy raises ValueError, OSError, EOFError... for a bad .npy
@@ -224,7 +245,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def metrics(request: Request) -> Response:
         if not config.metrics_public:
             authenticate(request, "metrics")
-        gateway.metrics.audit_dropped.inc(0)
+        gateway.sync_metrics()
         body, content_type = gateway.metrics.render()
         return Response(body, media_type=content_type)
 

@@ -286,7 +286,9 @@ def register(app: typer.Typer, translate: Callable[[], AbstractContextManager[No
             str,
             typer.Argument(help="Suspect model: .onnx, .mseal, .pt/.safetensors with --arch, or an http(s):// URL."),
         ],
-        num_classes: Annotated[int, typer.Option("--num-classes", help="Classes of the served model.")],
+        num_classes: Annotated[
+            int | None, typer.Option("--num-classes", help="Classes of the served model (default: as recorded).")
+        ] = None,
         key: Annotated[
             list[str] | None,
             typer.Option("--key", help="Test only these key ids (default: every key with traced answers)."),

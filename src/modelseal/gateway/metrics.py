@@ -12,7 +12,7 @@ from typing import Any
 
 class Metrics:
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self._multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.registry = CollectorRegistry(auto_describe=True)
@@ -28,7 +28,9 @@ class Metrics:
         self.alerts = Counter(
             f"{ns}_monitor_alerts", "Keys newly flagged by the extraction monitor", ["key", "reason"], registry=reg
         )
-        self.traced = Counter(f"{ns}_traced_answers", "Answers altered for tracing, per key", ["key"], registry=reg)
+        # no per-key label: a client that could read it would learn which of its answers were altered
+        self.traced = Counter(f"{ns}_traced_answers", "Answers altered for tracing (all keys)", registry=reg)
+        self.traces_dropped = Counter(f"{ns}_traces_dropped", "Altered answers not recorded (queue full)", registry=reg)
         self.degraded = Counter(f"{ns}_degraded_rows", "Rows answered with a degraded policy", ["key"], registry=reg)
         self.model_errors = Counter(f"{ns}_model_errors", "Inputs the runtime refused after the checks", registry=reg)
         self.latency = Histogram(
@@ -40,7 +42,9 @@ class Metrics:
         self.monitor_dropped = Counter(
             f"{ns}_monitor_dropped_rows", "Rows the monitor could not observe (queue full)", registry=reg
         )
-        self.audit_dropped = Counter(f"{ns}_audit_dropped", "Audit records dropped (writer behind)", registry=reg)
+        self.audit_dropped = Gauge(
+            f"{ns}_audit_dropped", "Audit records dropped (writer behind)", registry=reg, multiprocess_mode="sum"
+        )
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest

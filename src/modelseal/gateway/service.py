@@ -20,7 +20,15 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .audit import AuditLog
 from .batch import Batch
-from .errors import ConfigError, Forbidden, MalformedRequest, PayloadTooLarge, QuotaExceeded
+from .errors import (
+    ConfigError,
+    Forbidden,
+    MalformedRequest,
+    ModelRejectedInput,
+    PayloadTooLarge,
+    QuotaExceeded,
+    Unavailable,
+)
 from .metrics import Metrics
 from .policies import CoveragePricer, Policy, chain, label_only, noise, round_scores, top_k
 from .quota import Limits, Quota, open_quota
@@ -32,6 +40,7 @@ from .trace import Tracer
 log = logging.getLogger("modelseal.gateway")
 
 SECRET_FILE = "gateway.secret"
+_MAX_QUEUED_ROWS = 1 << 18  # rows waiting for the monitor (about 64 MiB of 64-float rows)
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,11 @@ class Gateway:
         self._noise_secret = answers_secret
         self.monitor = _open_monitor(config)
         dim = int(np.prod([d or 1 for d in self.runner.row_shape]))
+        uses_coverage = any(
+            parse_policy(p)[0] == "coverage" for t in config.tiers.values() for p in t.policy + t.degraded_policy
+        )
+        if None in self.runner.row_shape and (self.monitor is not None or uses_coverage):
+            raise ConfigError("the monitor and the coverage policy need a model whose input rows have a fixed shape")
         centre = scale = None
         if self.monitor is not None:  # coverage pricing works in the monitor's standardised space
             if self.monitor.reference.dim != dim:
@@ -114,6 +128,7 @@ class Gateway:
             centre, scale = self.monitor.reference.mean, self.monitor.reference.scale
         self.pricer = CoveragePricer(dim, seed=derive(secret, "coverage"), centre=centre, scale=scale)
         self.tiers = {name: self._tier(name, tier) for name, tier in config.tiers.items()}
+        self.store.set_meta("num_classes", str(self.runner.num_classes))  # the tracing verifier's null
         self.metrics = Metrics()
         self.audit = AuditLog(config.audit_path, max_bytes=config.audit.max_bytes, backups=config.audit.backups)
         self._flagged: dict[str, tuple[str, ...]] = {}
@@ -122,7 +137,9 @@ class Gateway:
         self._trace_thread: threading.Thread | None = None
         # the monitor runs beside the request path: requests queue their rows, one thread observes
         # them in batches (numpy's per-call overhead paid once per batch, not per request)
-        self._observations: queue.Queue[tuple[ApiKey, np.ndarray]] = queue.Queue(100_000)
+        self._observations: queue.Queue[tuple[ApiKey, np.ndarray]] = queue.Queue()
+        self._queued_rows, self._queued_lock = 0, threading.Lock()
+        self._unauth_window, self._unauth_count = 0.0, 0
         self._monitor_thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -186,7 +203,24 @@ class Gateway:
 
     # -- requests -------------------------------------------------------------------------------
     def authenticate(self, token: str | None) -> ApiKey | None:
-        return None if not token else self.store.authenticate(token)
+        """The active key ``token`` names, or None.
+
+        Raises:
+            Unavailable: the key database cannot be read (a 503 the client may retry, not a 500).
+        """
+        if not token:
+            return None
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            return self.store.authenticate(token)
+        except SQLAlchemyError:
+            log.exception("the key database cannot be read")
+            raise Unavailable("the key database is unavailable; retry shortly", retry_after=1) from None
+
+    def sync_metrics(self) -> None:
+        """Copy the state kept outside the metrics (dropped audit records) into them before a scrape."""
+        self.metrics.audit_dropped.set(self.audit.dropped)
 
     def tier_of(self, key: ApiKey) -> _Tier:
         tier = self.tiers.get(key.tier)
@@ -219,8 +253,12 @@ class Gateway:
             if x.dtype.kind == "f" and not np.isfinite(x).all():
                 raise MalformedRequest("inputs hold NaN or infinity")
             raise MalformedRequest(f"inputs overflow the model's {self.runner.dtype}")
-        if x.dtype.kind == "f" and self.runner.dtype.kind != "f" and not np.isfinite(x).all():
-            raise MalformedRequest("inputs hold NaN or infinity")
+        if self.runner.dtype.kind in "iu":
+            info = np.iinfo(self.runner.dtype)
+            if x.dtype.kind == "f" and not (np.isfinite(x).all() and (x == np.round(x)).all()):
+                raise MalformedRequest(f"the model takes integers ({self.runner.dtype}); inputs hold fractions or NaN")
+            if x.min() < info.min or x.max() > info.max:
+                raise MalformedRequest(f"inputs overflow the model's {self.runner.dtype}")
         return cast
 
     def predict(self, key: ApiKey, x: np.ndarray) -> Answer:
@@ -232,11 +270,13 @@ class Gateway:
         started = time.perf_counter()
         tier = self.tier_of(key)
         status = "200"
+        rows = 0
         try:
             limit = min(self.config.max_batch, tier.config.max_batch or self.config.max_batch)
-            if len(x) > limit:
+            if x.ndim >= 1 and len(x) > limit:  # before the per-row checks; a scalar fails those
                 raise PayloadTooLarge(f"the batch has {len(x)} rows; this key may send at most {limit} per request")
             x = self.check_rows(x)
+            rows = len(x)
             flagged = key.id in self._flagged
             limits = tier.limits
             if flagged and tier.config.on_alert == "throttle":
@@ -246,7 +286,11 @@ class Gateway:
             except QuotaExceeded as exc:
                 self.metrics.quota_refusals.labels(key.id, exc.period).inc()
                 raise
-            probs = self.runner.probabilities(x)
+            try:
+                probs = self.runner.probabilities(x)
+            except ModelRejectedInput:
+                self.metrics.model_errors.inc()
+                raise
             batch = Batch(key.id, x)
             traced = 0
             if tier.config.trace and self.tracer.rate > 0:
@@ -258,15 +302,12 @@ class Gateway:
                     self._queue_traces(key.id, x, plan, original, altered)
             labels = probs.argmax(axis=1)
             if self.monitor is not None:
-                try:
-                    self._observations.put_nowait((key, x))
-                except queue.Full:  # the monitor is behind: say so rather than slow every request
-                    self.metrics.monitor_dropped.inc(len(x))
+                self._observe_later(key, x)
             degraded = flagged and tier.config.on_alert == "degrade"
             scores = (tier.degraded if degraded else tier.policy)(batch, probs)
             self.metrics.rows.labels(key.id).inc(len(x))
             if traced:
-                self.metrics.traced.labels(key.id).inc(traced)
+                self.metrics.traced.inc(traced)  # no key label: a key must not learn which answers were altered
             if degraded:
                 self.metrics.degraded.labels(key.id).inc(len(x))
             policy_name = "degraded" if degraded else tier.policy_name
@@ -275,7 +316,8 @@ class Gateway:
                 key=key.id,
                 tier=tier.name,
                 rows=len(x),
-                inputs=batch.digests,  # the writer thread keeps the first 12 bytes, in hex
+                # keyed digests (bytes 20-32 of each row's MAC): the log confirms no guessed input
+                inputs=[m[20:32] for m in batch.keyed(self._noise_secret)],
                 policy=policy_name,
                 traced=traced,
                 flagged=flagged,
@@ -287,7 +329,7 @@ class Gateway:
                 "refused",
                 key=key.id,
                 tier=tier.name,
-                rows=len(x),
+                rows=rows,
                 status=int(status),
                 reason=getattr(exc, "code", "internal"),
             )
@@ -298,7 +340,24 @@ class Gateway:
 
     def refused_unauthenticated(self, reason: str) -> None:
         self.metrics.requests.labels("", "401").inc()
+        # at most 10 audit records per second for requests without a valid key, so a flood of them
+        # cannot rotate the real history out of the bounded log (the metric still counts them all)
+        now = time.monotonic()
+        if now - self._unauth_window >= 1.0:
+            self._unauth_window, self._unauth_count = now, 0
+        self._unauth_count += 1
+        if self._unauth_count > 10:
+            return
         self.audit.write("refused", key=None, status=401, reason=reason)
+
+    def _observe_later(self, key: ApiKey, x: np.ndarray) -> None:
+        """Queue rows for the monitor; beyond ``_MAX_QUEUED_ROWS`` waiting, drop and count them."""
+        with self._queued_lock:
+            if self._queued_rows + len(x) > _MAX_QUEUED_ROWS:
+                self.metrics.monitor_dropped.inc(len(x))
+                return
+            self._queued_rows += len(x)
+        self._observations.put((key, x))
 
     def _watch(self) -> None:
         """The monitor thread: observe queued rows per key, in batches; flag keys as they cross."""
@@ -322,14 +381,18 @@ class Gateway:
                 for key, rows in items:  # each key's rows in arrival order
                     by_key.setdefault(key.id, (key, []))[1].append(rows)
                 for key, chunks in by_key.values():
-                    assessment = self.monitor.observe(key.id, np.concatenate(chunks) if len(chunks) > 1 else chunks[0])
-                    if assessment.flagged and key.id not in self._flagged:
-                        tier = self.tiers.get(key.tier)
-                        if tier is not None:
-                            self._flag(key, tier, assessment)
-            except Exception:  # a bug must not stop the monitor for every key: log it, go on
-                log.exception("the extraction monitor failed on a batch")
+                    try:
+                        x = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+                        assessment = self.monitor.observe(key.id, x)
+                        if assessment.flagged and key.id not in self._flagged:
+                            tier = self.tiers.get(key.tier)
+                            if tier is not None:
+                                self._flag(key, tier, assessment)
+                    except Exception:  # a bug must not stop the monitor for other keys: log it, go on
+                        log.exception("the extraction monitor failed on key %s", key.id)
             finally:
+                with self._queued_lock:
+                    self._queued_rows -= sum(len(rows) for _, rows in items)
                 for _ in items:
                     self._observations.task_done()
 
@@ -371,7 +434,9 @@ class Gateway:
             try:
                 self._traces.put_nowait(record)
             except queue.Full:
-                log.warning("trace queue full: an altered answer for key %s was not recorded", key_id)
+                self.metrics.traces_dropped.inc(len(rows))
+                log.warning("trace queue full: %d altered answers for key %s were not recorded", len(rows), key_id)
+                return
 
     def _write_traces(self) -> None:
         while not self._stop.is_set() or self._traces.unfinished_tasks:

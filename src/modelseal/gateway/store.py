@@ -55,6 +55,13 @@ traces_table = sa.Table(
     sa.Index("gateway_traces_key", "key_id", "seq"),
 )
 
+meta_table = sa.Table(
+    "gateway_meta",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
 SCOPES = ("predict", "metrics")
 _KEY_RE = re.compile(r"msk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._@:-]{0,99}")
@@ -154,6 +161,21 @@ class KeyStore:
         with self.engine.begin() as conn:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
+        if self.is_sqlite:  # it holds key hashes and the traced inputs: owner only
+            path = Path(make_url(str(self.engine.url)).database or "")
+            for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                if p.exists():
+                    p.chmod(0o600)
+
+    def set_meta(self, name: str, value: str) -> None:
+        with self._tx() as conn:
+            if conn.execute(meta_table.update().where(meta_table.c.name == name).values(value=value)).rowcount == 0:
+                conn.execute(meta_table.insert().values(name=name, value=value))
+
+    def meta(self, name: str) -> str | None:
+        with self._tx() as conn:
+            value = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.name == name)).scalar()
+        return None if value is None else str(value)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -95,7 +95,7 @@ def trace_suspect(
     store: KeyStore,
     suspect: Any,
     *,
-    num_classes: int,
+    num_classes: int | None = None,
     keys: list[str] | None = None,
     alpha: float = 1e-6,
     max_per_key: int = 500,
@@ -103,12 +103,24 @@ def trace_suspect(
 ) -> TraceVerdict:
     """Test ``suspect`` (an :class:`~modelseal.ownership.Suspect`) against each key's altered answers.
 
+    ``num_classes`` defaults to the number the gateway recorded when it served the model; a
+    different number is refused (overstating it would make innocent keys look guilty).
+
     Raises:
-        OwnershipError: fewer than three classes (an altered label is then the only other class, and
+        OwnershipError: the number of classes is unknown or contradicts the record; fewer than three
+            classes (an altered label is then the only other class, and
             reproducing it proves nothing), or ``alpha`` out of range.
     """
     from ..ownership.stats import binomial_tail
 
+    recorded = store.meta("num_classes")
+    if num_classes is None:
+        if recorded is None:
+            raise OwnershipError("the number of classes is not recorded here: give it (--num-classes)")
+        num_classes = int(recorded)
+    elif recorded is not None and int(recorded) != num_classes:
+        # overstating K shrinks the null 1/(K-1) and could name innocent keys: refuse, do not guess
+        raise OwnershipError(f"the gateway served a model with {recorded} classes, not {num_classes}")
     if num_classes < 3:
         raise OwnershipError("tracing needs at least three classes: with two, the altered label is the only other one")
     if not 0 < alpha < 1:
