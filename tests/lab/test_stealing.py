@@ -35,3 +35,24 @@ def test_lab_report_fast(tmp_path: Path) -> None:
     assert live["sybil_keys"] == 3 and sum(live["queries_by_key"].values()) == live["queries"]
     assert all(q <= live["per_key_quota"] for q in live["queries_by_key"].values())
     assert {t["target"].split(":")[0] for t in report["targets"]}  # targets are reported, met or not
+
+
+def test_monitor_driven_defences_cap_a_flagged_thief() -> None:
+    import dataclasses
+
+    from modelseal.lab.stealing import FAST, run_stealing
+
+    config = dataclasses.replace(
+        FAST,
+        attacks=("copycat",),
+        outputs=("probabilities",),
+        defences=("none", "monitor:degrade", "monitor:throttle"),
+        budgets=(500,),
+        live=False,
+    )
+    runs = {r["defence"]: r for r in run_stealing(config)["runs"]}
+    # flagged at the first evaluation (100 queries): throttling refuses the rest of the budget
+    assert runs["monitor:throttle"]["queries"] <= 150 and runs["monitor:throttle"]["refused"] > 0
+    assert runs["monitor:throttle"]["fidelity"] < runs["none"]["fidelity"]
+    # degrading answers only labels once flagged: every query answered, the copy no better than undefended
+    assert runs["monitor:degrade"]["queries"] == 500 and runs["monitor:degrade"]["fidelity"] <= runs["none"]["fidelity"]

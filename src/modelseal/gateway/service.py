@@ -111,7 +111,7 @@ class Gateway:
         # one MAC per row serves the tracer (bytes 0-12) and the keyed noise (bytes 16-24)
         answers_secret = derive(secret, "answers")
         self.tracer = Tracer(answers_secret, rate=config.trace_rate)
-        self._noise_secret = answers_secret
+        self._answers_secret = answers_secret  # also keys the noise and the audit digests
         self.monitor = _open_monitor(config)
         dim = int(np.prod([d or 1 for d in self.runner.row_shape]))
         uses_coverage = any(
@@ -181,7 +181,7 @@ class Gateway:
             elif name == "round":
                 parts.append(round_scores(int(value or 0)))
             elif name == "noise":
-                parts.append(noise(float(value or 0.0), self._noise_secret))
+                parts.append(noise(float(value or 0.0), self._answers_secret))
             elif name == "label_only":
                 parts.append(label_only())
             else:
@@ -317,7 +317,7 @@ class Gateway:
                 tier=tier.name,
                 rows=len(x),
                 # keyed digests (bytes 20-32 of each row's MAC): the log confirms no guessed input
-                inputs=[m[20:32] for m in batch.keyed(self._noise_secret)],
+                inputs=[m[20:32] for m in batch.keyed(self._answers_secret)],
                 policy=policy_name,
                 traced=traced,
                 flagged=flagged,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..gateway.batch import Batch
-from ..gateway.monitor import Monitor, Reference, calibrate, simulate_benign
+from ..gateway.monitor import Monitor, Reference, Thresholds, calibrate, simulate_benign
 from ..gateway.policies import CoveragePricer, Policy, chain, label_only, noise, round_scores, top_k
 from ..gateway.trace import Tracer
 from ..ownership.stats import binomial_tail
@@ -49,7 +49,13 @@ DEFENCES: dict[str, tuple[tuple[str, ...], float]] = {
     "coverage": (("coverage",), 0.0),
     "trace:1%": ((), 0.01),
     "coverage+trace:1%": (("coverage",), 0.01),
+    "monitor:degrade": ((), 0.0),
+    "monitor:throttle": ((), 0.0),
 }
+ACTIONS = {"monitor:degrade": "degrade", "monitor:throttle": "throttle"}
+"""Defences driven by the extraction monitor: once it flags the key, answers become labels only
+(degrade) or the key is refused (throttle: its quota cut to nothing), as a gateway tier's
+``on_alert`` does. They act between requests, so attacks send 50-row requests."""
 ATTACKS = ("copycat", "knockoff-random", "knockoff-adaptive", "jacobian")
 
 
@@ -126,6 +132,8 @@ class DefendedVictim:
     ) -> None:
         items, rate = DEFENCES[defence]
         self.model, self.key_id, self.outputs, self.monitor = model, key_id, outputs, monitor
+        self.action = ACTIONS.get(defence)
+        self.refused = 0
         dim = reference.dim
         self.pricer = CoveragePricer(dim, seed=secret, centre=reference.mean, scale=reference.scale)
         self.policy = _policy(items, secret, self.pricer)
@@ -137,6 +145,11 @@ class DefendedVictim:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
+        if self.action == "throttle" and self.first_alarm is not None:
+            from .targets import QueryRefused
+
+            self.refused += len(x)
+            raise QueryRefused(f"key {self.key_id} is throttled: the extraction monitor flagged it")
         batch = Batch(self.key_id, x)
         probs = models.probabilities(self.model, x).astype(np.float64)
         if self.tracer is not None:
@@ -153,6 +166,9 @@ class DefendedVictim:
         self.queries += len(x)
         if self.outputs == "labels":
             return labels
+        if self.action == "degrade" and self.first_alarm is not None and self.first_alarm < self.queries:
+            onehot: np.ndarray = np.eye(probs.shape[1])[labels]  # flagged before this request: labels only
+            return onehot
         scores: np.ndarray = self.policy(batch, probs)
         return scores
 
@@ -180,7 +196,14 @@ def _attack(
     seed: int,
 ) -> extraction.ExtractionResult:
     student = models.build("mlp", ds.input_shape, ds.num_classes, seed=seed + 1)
-    common: dict[str, Any] = {"student": student, "budget": budget, "outputs": outputs, "epochs": epochs, "seed": seed}
+    common: dict[str, Any] = {
+        "student": student,
+        "budget": budget,
+        "outputs": outputs,
+        "epochs": epochs,
+        "seed": seed,
+        "batch_size": 50,  # requests of 50 rows, as through an API: the monitor can act between them
+    }
     if name == "copycat":
         return extraction.copycat(victim, ds.x_pool, **common)
     if name == "knockoff-random":
@@ -201,9 +224,17 @@ def _attack(
 
 
 def _benign(
-    model: torch.nn.Module, defence: str, streams: Sequence[np.ndarray], reference: Reference, secret: bytes
+    model: torch.nn.Module,
+    defence: str,
+    streams: Sequence[np.ndarray],
+    reference: Reference,
+    secret: bytes,
+    thresholds: Thresholds,
 ) -> float:
-    """Share of benign clients' answers whose label differs from the undefended service's."""
+    """Share of benign clients' answers whose label differs from the undefended service's (a refused
+    answer counts as changed; a degraded one as changed only if its label is)."""
+    from .targets import QueryRefused
+
     changed = total = 0
     for i, stream in enumerate(streams):
         v = DefendedVictim(
@@ -211,12 +242,18 @@ def _benign(
             defence,
             key_id=f"benign-{i}",
             outputs="probabilities",
-            monitor=None,
+            monitor=Monitor(reference, thresholds=thresholds) if defence in ACTIONS else None,
             reference=reference,
             secret=secret,
         )
-        answered = np.concatenate([v(stream[s : s + 50]) for s in range(0, len(stream), 50)])
-        changed += int((answered.argmax(axis=1) != models.predict(model, stream)).sum())
+        expected = models.predict(model, stream)
+        for s in range(0, len(stream), 50):
+            try:
+                answered = v(stream[s : s + 50])
+            except QueryRefused:
+                changed += len(stream[s : s + 50])
+                continue
+            changed += int((answered.argmax(axis=1) != expected[s : s + 50]).sum())
         total += len(stream)
     return changed / total
 
@@ -260,7 +297,7 @@ def run_stealing(config: StealingConfig = FULL, *, progress: Progress | None = N
     secret = b"modelseal-lab-stealing-secret-" + config.seed.to_bytes(4, "little")
     keys_tested = config.benign_evaluation + 1  # the verifier tests every key that has traced answers
 
-    benign_cost = {d: _benign(victim_model, d, evaluation, reference, secret) for d in config.defences}
+    benign_cost = {d: _benign(victim_model, d, evaluation, reference, secret, thresholds) for d in config.defences}
     runs: list[dict[str, Any]] = []
     for attack in config.attacks:
         for outputs in config.outputs:
@@ -296,6 +333,7 @@ def run_stealing(config: StealingConfig = FULL, *, progress: Progress | None = N
                         "accuracy": models.accuracy(stolen, ds.x_test, ds.y_test),
                         "fidelity": float((models.predict(stolen, ds.x_test) == victim_test_labels).mean()),
                         "first_alarm": victim.first_alarm,
+                        "refused": victim.refused,
                         "traced_answers": altered,
                         "trace_reproduced": reproduced,
                         "trace_p": p_trace,
