@@ -530,6 +530,21 @@ def _targets(report: dict[str, Any], config: StealingConfig) -> list[dict[str, A
                 f"benign loss {100 * cost:.2f} points",
             }
         )
+    for defence in config.defences:
+        if defence == "none":
+            continue
+        rows = [q for q in report["queries_to_match"] if q["defence"] == defence]
+        if not rows:
+            continue
+        slow = [q for q in rows if q["factor"] is None or q["factor"] >= 5]
+        out.append(
+            {
+                "target": f"{defence}: the thief needs >= 5x the queries to reach the undefended 100-query accuracy",
+                "met": len(slow) == len(rows),
+                "value": f"{len(slow)} of {len(rows)} (attack, output) pairs need >= 5x or never reach it "
+                f"within {max(config.budgets)} queries",
+            }
+        )
     thieves = [r for r in runs if r["attack"] in ("copycat", "knockoff-random") and r["budget"] >= 500]
     flagged = [r for r in thieves if r["first_alarm"] is not None and r["first_alarm"] <= 500]
     mon = report["monitor"]
