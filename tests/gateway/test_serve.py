@@ -113,6 +113,7 @@ def test_two_workers_share_one_quota_in_redis(tmp_path: Path, sealed_model: Path
             if r.status_code == 401:
                 break
             time.sleep(0.1)
+        time.sleep(0.5)  # one worker refused it; the other's cache is at most key_refresh_s (0.2 s) older
         for _ in range(20):  # every worker now refuses it (20 requests reach both with near certainty)
             r = httpx.post(f"{base}/v1/predict", json={"inputs": row}, headers={"Authorization": f"Bearer {token}"})
             assert r.status_code == 401
