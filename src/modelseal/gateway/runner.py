@@ -5,7 +5,6 @@ so the rest of the gateway sees one thing — rows in, an (n, K) array of class 
 from __future__ import annotations
 
 import importlib
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -172,10 +171,3 @@ def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     line = text[0] if text else type(exc).__name__
     return line[:300] + ("..." if len(line) > 300 else "")
-
-
-def finite_rows(x: np.ndarray) -> bool:
-    return bool(np.isfinite(x).all()) if x.dtype.kind == "f" else True
-
-
-_ = math  # reserved for shape arithmetic

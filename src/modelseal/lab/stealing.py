@@ -361,7 +361,7 @@ def run_stealing(config: StealingConfig = FULL, *, progress: Progress | None = N
     }
     report["queries_to_match"] = _queries_to_match(runs)
     if config.live:
-        report["live"] = _live_run(victim_model, ds, config, say)
+        report["live"] = _live(victim_model, ds, config, say)
     if config.art:
         report["art"] = _art_rows(victim_model, ds, config, say)
     if config.encoders:
@@ -400,15 +400,6 @@ def _queries_to_match(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _live_run(model: torch.nn.Module, ds: Dataset, config: StealingConfig, say: Progress) -> dict[str, Any]:
-    """Copycat through a live gateway app (HTTP, in process) with three sybil keys."""
-    try:
-        from .targets import HttpTarget, QueryRefused  # noqa: F401
-    except ImportError:
-        return {"skipped": "modelseal.lab.targets is not available"}
-    return _live(model, ds, config, say)
-
-
 def _live(model: torch.nn.Module, ds: Dataset, config: StealingConfig, say: Progress) -> dict[str, Any]:
     import tempfile
 
@@ -442,20 +433,24 @@ def _live(model: torch.nn.Module, ds: Dataset, config: StealingConfig, say: Prog
             tiers={"default": {"per_minute": per_key}},
         )
         gateway = Gateway(gw_config)
-        tokens = [gateway.store.create(f"sybil-{i}")[1] for i in range(3)]
-        with TestClient(create_app(gateway)) as client:
-            target = HttpTarget("http://testserver", tokens, outputs="probabilities", batch_size=50, client=client)  # type: ignore[arg-type]  # Starlette's TestClient speaks httpx's API
-            student = models.build("mlp", ds.input_shape, ds.num_classes, seed=config.seed + 1)
-            result = extraction.copycat(
-                target, ds.x_pool, student=student, budget=budget, outputs="probabilities",
-                epochs=config.student_epochs, seed=config.seed,
-            )  # fmt: skip
-            gateway.flush()
-        from ..gateway.tracing import trace_suspect
-        from ..ownership import TorchSuspect
+        try:
+            tokens = [gateway.store.create(f"sybil-{i}")[1] for i in range(3)]
+            with TestClient(create_app(gateway)) as client:
+                target = HttpTarget("http://testserver", tokens, outputs="probabilities", batch_size=50, client=client)  # type: ignore[arg-type]  # Starlette's TestClient speaks httpx's API
+                student = models.build("mlp", ds.input_shape, ds.num_classes, seed=config.seed + 1)
+                result = extraction.copycat(
+                    target, ds.x_pool, student=student, budget=budget, outputs="probabilities",
+                    epochs=config.student_epochs, seed=config.seed,
+                )  # fmt: skip
+                gateway.flush()
+            from ..gateway.tracing import trace_suspect
+            from ..ownership import TorchSuspect
 
-        verdict = trace_suspect(gateway.store, TorchSuspect(result.student, name="stolen"), num_classes=ds.num_classes)
-        gateway.close()
+            verdict = trace_suspect(
+                gateway.store, TorchSuspect(result.student, name="stolen"), num_classes=ds.num_classes
+            )
+        finally:
+            gateway.close()
     row = {
         "attack": "copycat",
         "outputs": "probabilities",
