@@ -1,5 +1,5 @@
 """The extraction monitor inside the gateway (docs/spec/gateway-v1.md §6): a flagged key is logged,
-alerted, throttled or degraded as its tier says; other keys are untouched."""
+alerted, throttled, degraded or misinformed as its tier says; other keys are untouched."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from modelseal.gateway.app import create_app
 from modelseal.gateway.monitor import Reference
 from modelseal.gateway.service import Gateway
+from modelseal.gateway.tracing import trace_suspect
 
 
 @pytest.fixture
@@ -27,6 +28,7 @@ def monitored(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> Gatewa
         tiers={
             "default": {"on_alert": "degrade", "degraded_policy": ["label_only"]},
             "throttled": {"per_minute": 10_000, "on_alert": "throttle", "throttle_factor": 0.01},
+            "misinformed": {"on_alert": "misinform"},
         },
     )
 
@@ -81,3 +83,57 @@ def test_a_throttled_key_gets_a_fraction_of_its_quota(monitored: Gateway) -> Non
     # flagged at 100-150 queries; from then on the per-minute limit is 10_000 * 0.01 = 100 rows
     statuses = [a["status"] for a in answers]
     assert statuses[:2] == [200, 200] and statuses[-1] == 429
+
+
+class _Parrot:
+    """A copy that memorised every answer its thief was given (and knows nothing else)."""
+
+    name = "parrot"
+
+    def __init__(self, x: np.ndarray, labels: np.ndarray) -> None:
+        self.answers = {row.tobytes(): int(label) for row, label in zip(x, labels, strict=True)}
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.array([self.answers[row.astype(np.float32).tobytes()] for row in x])
+
+
+class _Honest:
+    name = "independent"
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.runner = gateway.runner
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.runner.probabilities(x).argmax(axis=1))
+
+
+def test_a_misinformed_key_gets_wrong_labels_silently_and_its_copy_names_it(monitored: Gateway) -> None:
+    rng = np.random.default_rng(4)
+    odd = (8 * rng.normal(size=(300, 32))).astype(np.float32)
+    benign = rng.normal(size=(100, 32)).astype(np.float32)
+    _, thief = monitored.store.create("thief", tier="misinformed")
+    _, user = monitored.store.create("user", tier="misinformed")
+    truth = monitored.runner.probabilities(odd).argmax(axis=1)
+    with TestClient(create_app(monitored)) as client:
+        user_answers = _send(client, user, benign)
+        answers = _send(client, thief, odd[:150])
+        monitored.flush()
+        answers += _send(client, thief, odd[150:])
+    monitored.flush()
+    labels = np.concatenate([a["labels"] for a in answers])
+    # nothing tells the key: every answer is a 200 under the tier's own policy name
+    assert all(a["status"] == 200 and a["policy"] == "full" for a in answers)
+    # before the flag (100-150 queries) the truth; from the next request on, every label is wrong
+    assert (labels[:100] == truth[:100]).all() and (labels[150:] != truth[150:]).all()
+    # the benign key was not flagged and got the truth
+    benign_truth = monitored.runner.probabilities(benign).argmax(axis=1)
+    assert (np.concatenate([a["labels"] for a in user_answers]) == benign_truth).all()
+    # the wrong answers are recorded as traced ones: a copy that learned them names the key, the
+    # model itself (which never saw them) names no key
+    thief_id = thief.split("_")[1]
+    assert monitored.store.traced_keys() == {thief_id: int((labels != truth).sum())}
+    named = trace_suspect(monitored.store, _Parrot(odd, labels), num_classes=10)
+    assert named.named == [thief_id] and named.keys[0].p_value < 1e-100
+    assert trace_suspect(monitored.store, _Honest(monitored), num_classes=10).named == []
+    metrics = monitored.metrics.render()[0].decode()
+    assert f"modelseal_gateway_misinformed_answers_total {float((labels != truth).sum())}" in metrics

@@ -144,6 +144,7 @@ def test_key_admin_commands(tmp_path: Path, sealed_model: Path) -> None:
         ("[model]\npath = 'm.mseal'\ntrace_rate = 2\n", "model.trace_rate"),
         ("port = 'x'\n[model]\npath = 'm.mseal'\n", "port"),
         ("[model\n", "not valid TOML"),
+        ("[model]\npath = 'm.mseal'\n[tiers.default]\non_alert = 'misinform'\nmisinform_rate = 0\n", "misinform_rate"),
     ],
 )
 def test_bad_config_exits_2_naming_the_setting(tmp_path: Path, text: str, message: str) -> None:
@@ -151,7 +152,7 @@ def test_bad_config_exits_2_naming_the_setting(tmp_path: Path, text: str, messag
     config.write_text(text, encoding="utf-8")
     result = CliRunner().invoke(cli_app, ["serve", "--config", str(config)])
     assert result.exit_code == 2, result.output
-    assert message in result.output
+    assert message in " ".join(result.output.split())  # the console wraps long lines at any space
 
 
 def test_wrong_key_for_the_model_fails_before_serving(tmp_path: Path, sealed_model: Path) -> None:

@@ -53,8 +53,15 @@ def test_trace_rate_zero_and_bad_arguments() -> None:
     assert (plan == -1).all() and np.array_equal(same, p)
     with pytest.raises(ValueError):
         Tracer(b"short")
-    with pytest.raises(ValueError):
-        Tracer(SECRET, rate=1.0)
+    for rate in (-0.1, 1.01):
+        with pytest.raises(ValueError):
+            Tracer(SECRET, rate=rate)
+    # rate 1 (misinformation) alters every row not skipped, each to another class
+    skip = np.arange(len(x)) % 3 == 0
+    wrong, plan = Tracer(SECRET, rate=1.0).apply(Batch("k", x), p, skip=skip)
+    assert (plan[skip] == -1).all() and (plan[~skip] >= 0).all()
+    assert np.array_equal(wrong[skip], p[skip])
+    assert (wrong[~skip].argmax(axis=1) == plan[~skip]).all() and (plan[~skip] != p[~skip].argmax(axis=1)).all()
 
 
 def test_policies() -> None:

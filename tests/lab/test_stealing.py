@@ -30,10 +30,18 @@ def test_lab_report_fast(tmp_path: Path) -> None:
     # the monitor flags natural-data thieves early and no held-out benign client
     assert all(r["first_alarm"] is not None and r["first_alarm"] <= 500 for r in runs if r["attack"] == "copycat")
     assert report["monitor"]["benign_flagged"] == 0
-    # the live run went through the gateway with three sybil keys, each within its quota
-    live = report["live"]
-    assert live["sybil_keys"] == 3 and sum(live["queries_by_key"].values()) == live["queries"]
-    assert all(q <= live["per_key_quota"] for q in live["queries_by_key"].values())
+    # the live runs went through the gateway with sybil keys, each within its quota
+    live = {r["scenario"]: r for r in report["live"]["runs"]}
+    for r in live.values():
+        assert sum(r["queries_by_key"].values()) == r["queries"] == 500
+        assert all(q <= r["per_key_quota"] for q in r["queries_by_key"].values())
+    # quotas alone: three keys share the pool and nothing is flagged
+    assert live["sybils"]["sybil_keys"] == 3 and live["sybils"]["keys_flagged"] == 0
+    # misinforming flagged keys spoils the copy of a thief whose keys go past the first evaluation; a
+    # wary thief stopping every key there is flagged too late to be misinformed and steals as well
+    naive, wary = live["sybils+misinform"], live["wary-sybils+misinform"]
+    assert naive["keys_flagged"] == 3 and naive["fidelity"] < live["sybils"]["fidelity"] - 0.1
+    assert wary["sybil_keys"] == 5 and wary["fidelity"] > live["sybils"]["fidelity"] - 0.05
     assert {t["target"].split(":")[0] for t in report["targets"]}  # targets are reported, met or not
 
 
@@ -46,13 +54,20 @@ def test_monitor_driven_defences_cap_a_flagged_thief() -> None:
         FAST,
         attacks=("copycat",),
         outputs=("probabilities",),
-        defences=("none", "monitor:degrade", "monitor:throttle"),
+        defences=("none", "monitor:degrade", "monitor:throttle", "monitor:misinform"),
         budgets=(500,),
         live=False,
     )
-    runs = {r["defence"]: r for r in run_stealing(config)["runs"]}
+    report = run_stealing(config)
+    runs = {r["defence"]: r for r in report["runs"]}
     # flagged at the first evaluation (100 queries): throttling refuses the rest of the budget
     assert runs["monitor:throttle"]["queries"] <= 150 and runs["monitor:throttle"]["refused"] > 0
     assert runs["monitor:throttle"]["fidelity"] < runs["none"]["fidelity"]
     # degrading answers only labels once flagged: every query answered, the copy no better than undefended
     assert runs["monitor:degrade"]["queries"] == 500 and runs["monitor:degrade"]["fidelity"] <= runs["none"]["fidelity"]
+    # misinformation once flagged: every query answered, the copy far from the victim, and the wrong
+    # answers it learned name the thief's key; no held-out benign client was flagged, so none paid
+    mis = runs["monitor:misinform"]
+    assert mis["queries"] == 500 and mis["fidelity"] < 0.6 < runs["none"]["fidelity"]
+    assert mis["named"] and mis["traced_answers"] >= 300 and mis["trace_p"] < 1e-6
+    assert report["benign_cost"]["monitor:misinform"] == 0 and report["monitor"]["benign_flagged"] == 0

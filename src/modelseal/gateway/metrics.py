@@ -31,6 +31,9 @@ class Metrics:
         # no per-key label: a client that could read it would learn which of its answers were altered
         self.traced = Counter(f"{ns}_traced_answers", "Answers altered for tracing (all keys)", registry=reg)
         self.traces_dropped = Counter(f"{ns}_traces_dropped", "Altered answers not recorded (queue full)", registry=reg)
+        self.misinformed = Counter(
+            f"{ns}_misinformed_answers", "Answers misinformed for flagged keys (all keys)", registry=reg
+        )
         self.degraded = Counter(f"{ns}_degraded_rows", "Rows answered with a degraded policy", ["key"], registry=reg)
         self.model_errors = Counter(f"{ns}_model_errors", "Inputs the runtime refused after the checks", registry=reg)
         self.latency = Histogram(

@@ -86,6 +86,7 @@ class _Tier:
     policy: Policy
     degraded: Policy
     policy_name: str
+    misinformer: Tracer | None
 
 
 class Gateway:
@@ -112,6 +113,7 @@ class Gateway:
         answers_secret = derive(secret, "answers")
         self.tracer = Tracer(answers_secret, rate=config.trace_rate)
         self._answers_secret = answers_secret  # also keys the noise and the audit digests
+        self._misinform_secret = derive(secret, "misinformation")
         self.monitor = _open_monitor(config)
         dim = int(np.prod([d or 1 for d in self.runner.row_shape]))
         uses_coverage = any(
@@ -199,6 +201,7 @@ class Gateway:
             self._policy(tier.policy),
             self._policy(tier.degraded_policy),
             "+".join(tier.policy) or "full",
+            Tracer(self._misinform_secret, rate=tier.misinform_rate) if tier.on_alert == "misinform" else None,
         )
 
     # -- requests -------------------------------------------------------------------------------
@@ -292,14 +295,24 @@ class Gateway:
                 self.metrics.model_errors.inc()
                 raise
             batch = Batch(key.id, x)
-            traced = 0
+            traced = misinformed = 0
+            original = probs.argmax(axis=1)
+            plan: np.ndarray | None = None
             if tier.config.trace and self.tracer.rate > 0:
-                original = probs.argmax(axis=1)
                 probs, plan = self.tracer.apply(batch, probs)
                 altered = np.flatnonzero(plan >= 0)
                 traced = len(altered)
                 if traced:
                     self._queue_traces(key.id, x, plan, original, altered)
+            if flagged and tier.misinformer is not None:
+                # keyed wrong labels for a flagged key (rows the tracer altered keep their traced label),
+                # recorded like traced answers: a model distilled from them names the key
+                skip = None if plan is None else plan >= 0
+                probs, wrong = tier.misinformer.apply(batch, probs, skip=skip)
+                altered = np.flatnonzero(wrong >= 0)
+                misinformed = len(altered)
+                if misinformed:
+                    self._queue_traces(key.id, x, wrong, original, altered)
             labels = probs.argmax(axis=1)
             if self.monitor is not None:
                 self._observe_later(key, x)
@@ -310,6 +323,9 @@ class Gateway:
                 self.metrics.traced.inc(traced)  # no key label: a key must not learn which answers were altered
             if degraded:
                 self.metrics.degraded.labels(key.id).inc(len(x))
+            if misinformed:
+                self.metrics.misinformed.inc(misinformed)  # no key label, as for traced answers
+            # a misinformed key is not told: its answers keep the tier's policy name
             policy_name = "degraded" if degraded else tier.policy_name
             self.audit.write(
                 "predict",
@@ -320,6 +336,7 @@ class Gateway:
                 inputs=[m[20:32] for m in batch.keyed(self._answers_secret)],
                 policy=policy_name,
                 traced=traced,
+                misinformed=misinformed,
                 flagged=flagged,
             )
             return Answer(labels, scores, policy_name)
@@ -408,6 +425,11 @@ class Gateway:
                 self.metrics.alerts.labels(key.id, reason).inc()
         self.audit.write("alert", key=key.id, tier=tier.name, action=action, monitor=_assessment_dict(assessment))
         return True
+
+    def flagged_keys(self) -> dict[str, tuple[str, ...]]:
+        """Keys the monitor has flagged in this process, with the statistics that fired."""
+        with self._flag_lock:
+            return dict(self._flagged)
 
     def key_state(self, key: ApiKey) -> dict[str, Any]:
         """What ``GET /v1/model`` tells a key about itself (never about another key)."""

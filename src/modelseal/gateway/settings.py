@@ -31,12 +31,15 @@ class TierConfig(_Strict):
     max_batch: int | None = Field(None, ge=1)
     policy: list[str] = []
     """Output policies in order: ``top_k:K``, ``round:D``, ``noise:SIGMA``, ``label_only``, ``coverage``."""
-    on_alert: Literal["log", "alert", "throttle", "degrade"] = "alert"
+    on_alert: Literal["log", "alert", "throttle", "degrade", "misinform"] = "alert"
     """What the monitor's flag does to the key: log it; also count an alert metric; also cut its
     quotas by ``throttle_factor`` (only the limits the tier sets: an unlimited window stays
-    unlimited); or also switch its answers to ``degraded_policy``."""
+    unlimited); also switch its answers to ``degraded_policy``; or also answer a keyed share
+    ``misinform_rate`` of its rows with a wrong label, recorded as traced answers, without telling
+    the key (§6)."""
     throttle_factor: float = Field(0.1, gt=0, le=1)
     degraded_policy: list[str] = ["label_only"]
+    misinform_rate: float = Field(1.0, gt=0, le=1)
     trace: bool = True
 
     @field_validator("policy", "degraded_policy")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..gateway.batch import Batch
-from ..gateway.monitor import Monitor, Reference, Thresholds, calibrate, simulate_benign
+from ..gateway.monitor import Monitor, MonitorConfig, Reference, Thresholds, calibrate, simulate_benign
 from ..gateway.policies import CoveragePricer, Policy, chain, label_only, noise, round_scores, top_k
 from ..gateway.trace import Tracer
 from ..ownership.stats import binomial_tail
@@ -51,10 +51,12 @@ DEFENCES: dict[str, tuple[tuple[str, ...], float]] = {
     "coverage+trace:1%": (("coverage",), 0.01),
     "monitor:degrade": ((), 0.0),
     "monitor:throttle": ((), 0.0),
+    "monitor:misinform": ((), 0.0),
 }
-ACTIONS = {"monitor:degrade": "degrade", "monitor:throttle": "throttle"}
+ACTIONS = {"monitor:degrade": "degrade", "monitor:throttle": "throttle", "monitor:misinform": "misinform"}
 """Defences driven by the extraction monitor: once it flags the key, answers become labels only
-(degrade) or the key is refused (throttle: its quota cut to nothing), as a gateway tier's
+(degrade), the key is refused (throttle: its quota cut to nothing), or every answer carries a keyed
+wrong label, recorded for tracing (misinform, ``misinform_rate = 1``), as a gateway tier's
 ``on_alert`` does. They act between requests, so attacks send 50-row requests."""
 ATTACKS = ("copycat", "knockoff-random", "knockoff-adaptive", "jacobian")
 
@@ -72,7 +74,9 @@ class StealingConfig:
     student_epochs: int = 100
     benign_calibration: int = 100
     benign_evaluation: int = 100
-    target_fpr: float = 0.01
+    # stricter than the 1% the target allows: misinformation harms a flagged benign client, and
+    # natural-data thieves pass this threshold at their first evaluation with room to spare
+    target_fpr: float = 0.001
     alpha: float = 1e-6
     seed: int = 0
     live: bool = True  # one copycat run through a live gateway app with sybil keys
@@ -138,6 +142,7 @@ class DefendedVictim:
         self.pricer = CoveragePricer(dim, seed=secret, centre=reference.mean, scale=reference.scale)
         self.policy = _policy(items, secret, self.pricer)
         self.tracer = Tracer(secret, rate=rate) if rate > 0 else None
+        self.misinformer = Tracer(b"misinformation " + secret, rate=1.0) if self.action == "misinform" else None
         self.queries = 0
         self.first_alarm: int | None = None
         self.altered_x: list[np.ndarray] = []
@@ -152,11 +157,13 @@ class DefendedVictim:
             raise QueryRefused(f"key {self.key_id} is throttled: the extraction monitor flagged it")
         batch = Batch(self.key_id, x)
         probs = models.probabilities(self.model, x).astype(np.float64)
+        plan: np.ndarray | None = None
         if self.tracer is not None:
             probs, plan = self.tracer.apply(batch, probs)
-            rows = np.flatnonzero(plan >= 0)
-            self.altered_x += [x[i] for i in rows]
-            self.altered_label += [int(plan[i]) for i in rows]
+            self._record(x, plan)
+        if self.misinformer is not None and self.first_alarm is not None:
+            probs, wrong = self.misinformer.apply(batch, probs, skip=None if plan is None else plan >= 0)
+            self._record(x, wrong)  # flagged before this request: keyed wrong labels, recorded
         labels: np.ndarray = probs.argmax(axis=1)
         if self.monitor is not None:
             # one observation per row, as the gateway sees a thief sending rows one request at a time
@@ -171,6 +178,11 @@ class DefendedVictim:
             return onehot
         scores: np.ndarray = self.policy(batch, probs)
         return scores
+
+    def _record(self, x: np.ndarray, plan: np.ndarray) -> None:
+        rows = np.flatnonzero(plan >= 0)
+        self.altered_x += [x[i] for i in rows]
+        self.altered_label += [int(plan[i]) for i in rows]
 
 
 def _trace_p(student: torch.nn.Module, victim: DefendedVictim, keys_tested: int) -> tuple[int, int, float]:
@@ -361,7 +373,7 @@ def run_stealing(config: StealingConfig = FULL, *, progress: Progress | None = N
     }
     report["queries_to_match"] = _queries_to_match(runs)
     if config.live:
-        report["live"] = _live(victim_model, ds, config, say)
+        report["live"] = _live(victim_model, ds, config, say, reference=reference, thresholds=thresholds)
     if config.art:
         report["art"] = _art_rows(victim_model, ds, config, say)
     if config.encoders:
@@ -400,17 +412,25 @@ def _queries_to_match(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _live(model: torch.nn.Module, ds: Dataset, config: StealingConfig, say: Progress) -> dict[str, Any]:
+LIVE_SCENARIOS = ("sybils", "sybils+misinform", "wary-sybils+misinform")
+"""Copycat runs through a live gateway: three sybil keys sharing the budget on a gateway with quotas
+and tracing only; the same against a tier that misinforms keys the monitor flags; and a wary thief
+whose many keys each stop at the monitor's first evaluation."""
+
+
+def _live(
+    model: torch.nn.Module,
+    ds: Dataset,
+    config: StealingConfig,
+    say: Progress,
+    *,
+    reference: Reference,
+    thresholds: Thresholds,
+) -> dict[str, Any]:
     import tempfile
 
-    from fastapi.testclient import TestClient
-
     from .. import seal
-    from ..gateway.app import create_app
-    from ..gateway.service import Gateway
-    from ..gateway.settings import load_config
     from ..keys import Identity
-    from .targets import HttpTarget
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -422,47 +442,89 @@ def _live(model: torch.nn.Module, ds: Dataset, config: StealingConfig, say: Prog
         )  # fmt: skip
         seal(root / "victim.onnx", root / "victim.mseal", recipients=[identity.recipient])
         (root / "victim.onnx").unlink()
-        budget = max(config.budgets)
-        per_key = max(1, budget // 3 + 1)
-        gw_config = load_config(
-            None,
-            model_path=str(root / "victim.mseal"),
-            model_identity=str(root / "device.key"),
-            data_dir=str(root / "gw"),
-            trace_rate=0.01,
-            tiers={"default": {"per_minute": per_key}},
-        )
-        gateway = Gateway(gw_config)
-        try:
-            tokens = [gateway.store.create(f"sybil-{i}")[1] for i in range(3)]
-            with TestClient(create_app(gateway)) as client:
-                target = HttpTarget("http://testserver", tokens, outputs="probabilities", batch_size=50, client=client)  # type: ignore[arg-type]  # Starlette's TestClient speaks httpx's API
-                student = models.build("mlp", ds.input_shape, ds.num_classes, seed=config.seed + 1)
-                result = extraction.copycat(
-                    target, ds.x_pool, student=student, budget=budget, outputs="probabilities",
-                    epochs=config.student_epochs, seed=config.seed,
-                )  # fmt: skip
-                gateway.flush()
-            from ..gateway.tracing import trace_suspect
-            from ..ownership import TorchSuspect
+        reference.save(root / "reference.npz")
+        runs = [
+            _live_run(model, ds, config, say, root=root / name, scenario=name, thresholds=thresholds)
+            for name in LIVE_SCENARIOS
+        ]
+    return {"runs": runs}
 
-            verdict = trace_suspect(
-                gateway.store, TorchSuspect(result.student, name="stolen"), num_classes=ds.num_classes
-            )
-        finally:
-            gateway.close()
+
+def _live_run(
+    model: torch.nn.Module,
+    ds: Dataset,
+    config: StealingConfig,
+    say: Progress,
+    *,
+    root: Path,
+    scenario: str,
+    thresholds: Thresholds,
+) -> dict[str, Any]:
+    from fastapi.testclient import TestClient
+
+    from ..gateway.app import create_app
+    from ..gateway.service import Gateway
+    from ..gateway.settings import load_config
+    from ..gateway.tracing import trace_suspect
+    from ..ownership import TorchSuspect
+    from .targets import HttpTarget
+
+    budget = min(max(config.budgets), len(ds.x_pool))  # copycat asks each pool row once
+    request = 50  # rows per request; a request over a key's remaining quota is refused whole
+    if scenario.startswith("wary"):
+        # stop each key at the monitor's first evaluation (MonitorConfig.min_queries): a flag raised
+        # there acts only on the key's later requests, and there are none
+        per_key = MonitorConfig().min_queries
+        n_keys = -(-budget // per_key)
+    else:
+        n_keys = 3
+        per_key = -(-budget // (n_keys * request)) * request
+    tier: dict[str, Any] = {"per_minute": per_key}
+    settings: dict[str, Any] = {}
+    if scenario.endswith("misinform"):
+        tier["on_alert"] = "misinform"
+        settings["monitor"] = {"reference": str(root.parent / "reference.npz"), "thresholds": thresholds.to_dict()}
+    gw_config = load_config(
+        None,
+        model_path=str(root.parent / "victim.mseal"),
+        model_identity=str(root.parent / "device.key"),
+        data_dir=str(root / "gw"),
+        trace_rate=0.01,
+        tiers={"default": tier},
+        **settings,
+    )
+    gateway = Gateway(gw_config)
+    try:
+        tokens = [gateway.store.create(f"sybil-{i}")[1] for i in range(n_keys)]
+        with TestClient(create_app(gateway)) as client:
+            target = HttpTarget("http://testserver", tokens, outputs="probabilities", batch_size=request, client=client)  # type: ignore[arg-type]  # Starlette's TestClient speaks httpx's API
+            student = models.build("mlp", ds.input_shape, ds.num_classes, seed=config.seed + 1)
+            result = extraction.copycat(
+                target, ds.x_pool, student=student, budget=budget, outputs="probabilities",
+                epochs=config.student_epochs, seed=config.seed,
+            )  # fmt: skip
+            gateway.flush()
+        flagged = len(gateway.flagged_keys())
+        verdict = trace_suspect(gateway.store, TorchSuspect(result.student, name="stolen"), num_classes=ds.num_classes)
+    finally:
+        gateway.close()
+    victim_labels = models.predict(model, ds.x_test)
     row = {
+        "scenario": scenario,
         "attack": "copycat",
         "outputs": "probabilities",
-        "sybil_keys": 3,
+        "sybil_keys": n_keys,
         "per_key_quota": per_key,
+        "on_alert": tier.get("on_alert", "alert"),
         "queries": int(result.queries),
-        "queries_by_key": {k[:20]: int(v) for k, v in getattr(target, "queries_by_key", {}).items()},
+        "queries_by_key": {k[:20]: int(v) for k, v in target.queries_by_key.items()},
+        "keys_flagged": flagged,
         "accuracy": models.accuracy(result.student, ds.x_test, ds.y_test),
+        "fidelity": float((models.predict(result.student, ds.x_test) == victim_labels).mean()),
         "trace": verdict.to_dict(),
     }
     say(
-        f"live gateway, 3 sybil keys: {row['queries']} queries, "
+        f"live gateway, {scenario}: {n_keys} keys, {row['queries']} queries, {flagged} flagged, "
         f"accuracy {row['accuracy']:.3f}, trace {verdict.decision}"
     )
     return row
@@ -555,15 +617,17 @@ def _targets(report: dict[str, Any], config: StealingConfig) -> list[dict[str, A
             f"{mon['benign_flagged']}/{mon['benign_clients']} benign flagged",
         }
     )
-    traced = [r for r in runs if DEFENCES[r["defence"]][1] > 0 and r["budget"] == max(config.budgets)]
-    out.append(
-        {
-            "target": "the key a stolen model was extracted through named at p <= 1e-6",
-            "met": bool(traced) and all(r["named"] for r in traced),
-            "value": f"{sum(r['named'] for r in traced)}/{len(traced)} traced runs "
-            f"at {max(config.budgets)} queries named",
-        }
-    )
+    for defence in config.defences:  # every defence whose altered answers are recorded for tracing
+        if DEFENCES[defence][1] == 0 and ACTIONS.get(defence) != "misinform":
+            continue
+        traced = [r for r in runs if r["defence"] == defence and r["budget"] == max(config.budgets)]
+        out.append(
+            {
+                "target": f"{defence}: the key a stolen model was extracted through named at p <= 1e-6",
+                "met": bool(traced) and all(r["named"] for r in traced),
+                "value": f"{sum(r['named'] for r in traced)}/{len(traced)} runs at {max(config.budgets)} queries named",
+            }
+        )
     return out
 
 
@@ -692,25 +756,24 @@ def _markdown(report: dict[str, Any]) -> str:
         factor = "not reached" if q["factor"] is None else f"{q['factor']:.1f}x"
         lines.append(f"| {q['attack']} | {q['outputs']} | {q['defence']} | {q['budget_needed'] or '-'} | {factor} |")
     if "live" in report:
-        live = report["live"]
-        if "skipped" in live:
-            lines += ["", "## Through a live gateway with sybil keys", "", live["skipped"]]
-        else:
+        lines += [
+            "",
+            "## Through a live gateway with sybil keys",
+            "",
+            "Copycat with probabilities through `modelseal serve` (HTTP, in process), its budget spread over "
+            "several API keys with a per-key quota; tracing at 1%; where the tier misinforms, the monitor "
+            "calibrated as above.",
+            "",
+            "| scenario | keys x quota | queries | keys flagged | accuracy | fidelity | tracing |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for live in report["live"]["runs"]:
             trace = live["trace"]
-            per_key = ", ".join(f"{q}" for q in live["queries_by_key"].values())
-            lines += [
-                "",
-                "## Through a live gateway with sybil keys",
-                "",
-                f"Copycat with probabilities through `modelseal serve` (HTTP, in process) using "
-                f"{live['sybil_keys']} API keys with a quota of {live['per_key_quota']} rows each: "
-                f"{live['queries']} queries answered ({per_key} per key), stolen accuracy {live['accuracy']:.3f}. "
-                f"Tracing: {trace['decision']}"
-                + (f" (named {', '.join(trace['named'])})" if trace["named"] else "")
-                + "; per key: "
-                + ", ".join(f"{k['matches']}/{k['queries']} (p {k['p_value']:.2g})" for k in trace["keys"])
-                + ".",
-            ]
+            named = f"named {len(trace['named'])} of {len(trace['keys'])} keys" if trace["named"] else trace["decision"]
+            lines.append(
+                f"| {live['scenario']} | {live['sybil_keys']} x {live['per_key_quota']} | {live['queries']} | "
+                f"{live['keys_flagged']} | {live['accuracy']:.3f} | {live['fidelity']:.3f} | {named} |"
+            )
     if "art" in report:
         lines += ["", "## IBM ART reference (same victim, same pool)", ""]
         if "rows" in report["art"]:
