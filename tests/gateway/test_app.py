@@ -254,3 +254,73 @@ def test_pickle_is_never_loaded(client: TestClient, gateway: Gateway, tmp_path: 
         "/v1/predict", content=buf.getvalue(), headers={**_key(gateway), "Content-Type": "application/x-npy"}
     )
     assert r.status_code == 400 and not marker.exists()
+
+
+def test_the_fast_path_and_the_documented_route_answer_alike(gateway: Gateway) -> None:
+    """``serve`` answers POST /v1/predict in an ASGI front; the FastAPI route (what OpenAPI documents)
+    calls the same core: every request, good or bad, gets the same status, headers and body."""
+    front = create_app(gateway)
+    good, labels_only = _key(gateway), _key(gateway, "labels")
+    rows = _rows(3)
+    requests: list[tuple[bytes | None, dict[str, str]]] = [
+        (json.dumps({"inputs": rows.tolist()}).encode(), {**good, "Content-Type": "application/json"}),
+        (json.dumps({"inputs": rows.tolist()}).encode(), {**labels_only, "Content-Type": "application/json"}),
+        (json.dumps({"inputs": rows.tolist()}).encode(), {**good, "Accept": "application/x-npz"}),
+        (b"{not json", {**good, "Content-Type": "application/json"}),
+        (json.dumps({"inputs": rows.tolist()}).encode(), {"Authorization": "Bearer msk_nope"}),
+        (json.dumps({"inputs": rows.tolist()}).encode(), {**good, "Accept": "text/html"}),
+        (b"x" * 70_000, {**good, "Content-Type": "application/json"}),
+        (b"abc", {**good, "Content-Type": "text/plain"}),
+    ]
+    with TestClient(front, raise_server_exceptions=False) as fast:
+        fast_answers = [fast.post("/v1/predict", content=body, headers=h) for body, h in requests]
+        # the same gateway, started by the front's lifespan, answered through FastAPI alone
+        routed = TestClient(front.api, raise_server_exceptions=False)
+        routed_answers = [routed.post("/v1/predict", content=body, headers=h) for body, h in requests]
+    assert [r.status_code for r in fast_answers] == [200, 200, 200, 400, 401, 406, 413, 415]
+    for a, b in zip(fast_answers, routed_answers, strict=True):
+        assert (a.status_code, a.content) == (b.status_code, b.content)
+        for name in ("content-type", "www-authenticate", "retry-after", "modelseal-policy"):
+            assert a.headers.get(name) == b.headers.get(name), name
+
+
+def test_requests_answered_together_get_what_each_would_alone(gateway_factory: Callable[..., Gateway]) -> None:
+    """The app coalesces predictions that arrive together; tracing, keyed noise, coverage pricing,
+    quotas and refusals stay per request (and per key, in arrival order)."""
+    import asyncio
+
+    from modelseal.gateway.app import Coalescer
+
+    tiers = {"default": {"per_minute": 15, "policy": ["noise:0.05", "coverage"]}, "other": {"policy": ["top_k:2"]}}
+    alone_gw = gateway_factory(tiers=tiers, trace_rate=0.2)
+    together_gw = gateway_factory(tiers=tiers, trace_rate=0.2, data_dir=str(alone_gw.config.data_dir))  # same secret
+    keys = [alone_gw.store.create("a")[1], alone_gw.store.create("b", tier="other")[1]]
+    plan = [(keys[i % 2], _rows(1 + i % 3, seed=i)) for i in range(24)]
+    bad = (keys[0], np.zeros((2, 31), dtype=np.float32))  # wrong shape: refused alone, others unaffected
+    plan.insert(5, bad)
+
+    def outcome(result: Any) -> Any:
+        if isinstance(result, Exception):
+            return type(result).__name__
+        return result.labels.tolist(), np.round(result.scores, 12).tolist(), result.policy
+
+    import time
+
+    if time.time() % 60 > 55:  # keep both runs inside one quota minute
+        time.sleep(61 - time.time() % 60)
+    alone = []
+    for token, x in plan:
+        try:
+            alone.append(outcome(alone_gw.predict(alone_gw.authenticate(token), x)))
+        except Exception as exc:
+            alone.append(outcome(exc))
+
+    async def together() -> list[Any]:
+        coalescer = Coalescer(together_gw)
+        calls = [coalescer.predict(together_gw.authenticate(t), x) for t, x in plan]  # type: ignore[arg-type]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    coalesced = [outcome(r) for r in asyncio.run(together())]
+    assert coalesced == alone
+    # the quota ran out part-way for the first key in both runs (15 rows a minute), at the same request
+    assert "QuotaExceeded" in alone and alone.count("MalformedRequest") == 1

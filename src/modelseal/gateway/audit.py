@@ -72,7 +72,7 @@ class AuditLog:
     def _run(self) -> None:
         while True:
             item = self._queue.get()
-            time.sleep(0.01)  # gather a burst: one wake-up and one write per burst, not per record
+            time.sleep(0.05)  # gather a burst: one wake-up and one write per burst, not per record
             items = [item]
             while len(items) < 5000:
                 try:

@@ -10,6 +10,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,19 @@ def load_secret(data_dir: Path) -> bytes:
 
 def derive(secret: bytes, purpose: str) -> bytes:
     return HKDF(hashes.SHA256(), 32, salt=None, info=b"modelseal-gateway-v1 " + purpose.encode()).derive(secret)
+
+
+@dataclass
+class _Admitted:
+    """A request that passed admission (checked and charged), waiting for its answer."""
+
+    index: int
+    key: ApiKey
+    tier: _Tier
+    x: np.ndarray
+    flagged: bool
+    started: float
+    probs: np.ndarray | None = None
 
 
 @dataclass
@@ -270,90 +284,169 @@ class Gateway:
         Raises:
             Forbidden, MalformedRequest, PayloadTooLarge, QuotaExceeded, Unavailable, ModelRejectedInput.
         """
-        started = time.perf_counter()
-        tier = self.tier_of(key)
-        status = "200"
-        rows = 0
-        try:
-            limit = min(self.config.max_batch, tier.config.max_batch or self.config.max_batch)
-            if x.ndim >= 1 and len(x) > limit:  # before the per-row checks; a scalar fails those
-                raise PayloadTooLarge(f"the batch has {len(x)} rows; this key may send at most {limit} per request")
-            x = self.check_rows(x)
-            rows = len(x)
-            flagged = key.id in self._flagged
-            limits = tier.limits
-            if flagged and tier.config.on_alert == "throttle":
-                limits = limits.scaled(tier.config.throttle_factor)
+        result = self.predict_many([(key, x)])[0]
+        if isinstance(result, Answer):
+            return result
+        raise result
+
+    def predict_many(self, requests: Sequence[tuple[ApiKey, np.ndarray]]) -> list[Answer | Exception]:
+        """Answer several requests at once, each exactly as :meth:`predict` would alone.
+
+        Each request is admitted on its own (tier, batch limit, row checks, quota: refused whole or
+        charged whole) and gets its own answer or error, in order. The admitted rows go through the
+        model in one call per row shape; tracing, misinformation and the policies run once per key,
+        over its requests' rows in arrival order. Each of those is a function of (key, row) or of a
+        key's rows in order, so coalescing changes no answer: it pays numpy's and the runtime's
+        per-call overhead once for many small requests (the app coalesces requests that arrive
+        together).
+        """
+        results: list[Answer | Exception | None] = [None] * len(requests)
+        admitted: list[_Admitted] = []
+        for i, (key, x) in enumerate(requests):
             try:
-                self.quota.charge(key.id, len(x), limits)
-            except QuotaExceeded as exc:
-                self.metrics.quota_refusals.labels(key.id, exc.period).inc()
-                raise
+                tier = self.tier_of(key)
+            except Exception as exc:
+                results[i] = exc
+                continue
+            started = time.perf_counter()
+            rows = 0
             try:
-                probs = self.runner.probabilities(x)
-            except ModelRejectedInput:
+                limit = min(self.config.max_batch, tier.config.max_batch or self.config.max_batch)
+                if x.ndim >= 1 and len(x) > limit:  # before the per-row checks; a scalar fails those
+                    raise PayloadTooLarge(f"the batch has {len(x)} rows; this key may send at most {limit} per request")
+                x = self.check_rows(x)
+                rows = len(x)
+                flagged = key.id in self._flagged
+                limits = tier.limits
+                if flagged and tier.config.on_alert == "throttle":
+                    limits = limits.scaled(tier.config.throttle_factor)
+                try:
+                    self.quota.charge(key.id, len(x), limits)
+                except QuotaExceeded as exc:
+                    self.metrics.quota_refusals.labels(key.id, exc.period).inc()
+                    raise
+            except Exception as exc:
+                results[i] = self._refused(key, tier, rows, exc, started)
+                continue
+            admitted.append(_Admitted(i, key, tier, x, flagged, started))
+        for adm, error in self._run_model(admitted):
+            results[adm.index] = self._refused(adm.key, adm.tier, len(adm.x), error, adm.started)
+        groups: dict[tuple[str, str, bool], list[_Admitted]] = {}
+        for adm in admitted:
+            if adm.probs is not None:
+                groups.setdefault((adm.key.id, adm.tier.name, adm.flagged), []).append(adm)
+        for group in groups.values():
+            for adm, answer in zip(group, self._answer(group), strict=True):
+                results[adm.index] = answer
+        return [r if r is not None else RuntimeError("no answer") for r in results]
+
+    def _run_model(self, admitted: list[_Admitted]) -> list[tuple[_Admitted, Exception]]:
+        """Set each request's probabilities, one runtime call per row shape; returns the refused ones."""
+        refused: list[tuple[_Admitted, Exception]] = []
+        by_shape: dict[tuple[int, ...], list[_Admitted]] = {}
+        for adm in admitted:
+            by_shape.setdefault(adm.x.shape[1:], []).append(adm)
+        for same in by_shape.values():
+            try:
+                probs = self.runner.probabilities(np.concatenate([a.x for a in same]) if len(same) > 1 else same[0].x)
+            except ModelRejectedInput as exc:
+                if len(same) == 1:
+                    self.metrics.model_errors.inc()
+                    refused.append((same[0], exc))
+                    continue
+                # one request's rows may be what the runtime refused: ask for each on its own
+                refused += self._run_model_one_by_one(same)
+                continue
+            start = 0
+            for adm in same:
+                adm.probs = probs[start : start + len(adm.x)]
+                start += len(adm.x)
+        return refused
+
+    def _run_model_one_by_one(self, same: list[_Admitted]) -> list[tuple[_Admitted, Exception]]:
+        refused: list[tuple[_Admitted, Exception]] = []
+        for adm in same:
+            try:
+                adm.probs = self.runner.probabilities(adm.x)
+            except ModelRejectedInput as exc:
                 self.metrics.model_errors.inc()
-                raise
-            batch = Batch(key.id, x)
-            traced = misinformed = 0
-            original = probs.argmax(axis=1)
-            plan: np.ndarray | None = None
-            if tier.config.trace and self.tracer.rate > 0:
-                probs, plan = self.tracer.apply(batch, probs)
-                altered = np.flatnonzero(plan >= 0)
-                traced = len(altered)
-                if traced:
-                    self._queue_traces(key.id, x, plan, original, altered)
-            if flagged and tier.misinformer is not None:
-                # keyed wrong labels for a flagged key (rows the tracer altered keep their traced label),
-                # recorded like traced answers: a model distilled from them names the key
-                skip = None if plan is None else plan >= 0
-                probs, wrong = tier.misinformer.apply(batch, probs, skip=skip)
-                altered = np.flatnonzero(wrong >= 0)
-                misinformed = len(altered)
-                if misinformed:
-                    self._queue_traces(key.id, x, wrong, original, altered)
-            labels = probs.argmax(axis=1)
-            if self.monitor is not None:
-                self._observe_later(key, x)
-            degraded = flagged and tier.config.on_alert == "degrade"
-            scores = (tier.degraded if degraded else tier.policy)(batch, probs)
-            self.metrics.rows.labels(key.id).inc(len(x))
-            if traced:
-                self.metrics.traced.inc(traced)  # no key label: a key must not learn which answers were altered
-            if degraded:
-                self.metrics.degraded.labels(key.id).inc(len(x))
-            if misinformed:
-                self.metrics.misinformed.inc(misinformed)  # no key label, as for traced answers
-            # a misinformed key is not told: its answers keep the tier's policy name
-            policy_name = "degraded" if degraded else tier.policy_name
+                refused.append((adm, exc))
+        return refused
+
+    def _answer(self, group: list[_Admitted]) -> list[Answer]:
+        """Answers for one key's admitted requests (same tier, same flag), in arrival order."""
+        key, tier, flagged = group[0].key, group[0].tier, group[0].flagged
+        x = np.concatenate([a.x for a in group]) if len(group) > 1 else group[0].x
+        probs = np.concatenate([a.probs for a in group if a.probs is not None]) if len(group) > 1 else group[0].probs
+        assert probs is not None and len(probs) == len(x)
+        batch = Batch(key.id, x)
+        original = probs.argmax(axis=1)
+        altered = np.zeros(len(x), dtype=bool)
+        plan: np.ndarray | None = None
+        if tier.config.trace and self.tracer.rate > 0:
+            probs, plan = self.tracer.apply(batch, probs)
+            traced_rows = np.flatnonzero(plan >= 0)
+            if len(traced_rows):
+                self._queue_traces(key.id, x, plan, original, traced_rows)
+                self.metrics.traced.inc(len(traced_rows))  # no key label: a key must not learn which
+        misinformed = np.zeros(len(x), dtype=bool)
+        if flagged and tier.misinformer is not None:
+            # keyed wrong labels for a flagged key (rows the tracer altered keep their traced label),
+            # recorded like traced answers: a model distilled from them names the key
+            probs, wrong = tier.misinformer.apply(batch, probs, skip=None if plan is None else plan >= 0)
+            wrong_rows = np.flatnonzero(wrong >= 0)
+            if len(wrong_rows):
+                self._queue_traces(key.id, x, wrong, original, wrong_rows)
+                self.metrics.misinformed.inc(len(wrong_rows))  # no key label, as for traced answers
+            misinformed = wrong >= 0
+        if plan is not None:
+            altered = plan >= 0
+        labels = probs.argmax(axis=1)
+        if self.monitor is not None:
+            self._observe_later(key, x)
+        degraded = flagged and tier.config.on_alert == "degrade"
+        scores = (tier.degraded if degraded else tier.policy)(batch, probs)
+        self.metrics.rows.labels(key.id).inc(len(x))
+        if degraded:
+            self.metrics.degraded.labels(key.id).inc(len(x))
+        # a misinformed key is not told: its answers keep the tier's policy name
+        policy_name = "degraded" if degraded else tier.policy_name
+        digests = batch.keyed(self._answers_secret)
+        answers = []
+        start = 0
+        for adm in group:
+            stop = start + len(adm.x)
             self.audit.write(
                 "predict",
                 key=key.id,
                 tier=tier.name,
-                rows=len(x),
+                rows=stop - start,
                 # keyed digests (bytes 20-32 of each row's MAC): the log confirms no guessed input
-                inputs=[m[20:32] for m in batch.keyed(self._answers_secret)],
+                inputs=[m[20:32] for m in digests[start:stop]],
                 policy=policy_name,
-                traced=traced,
-                misinformed=misinformed,
+                traced=int(altered[start:stop].sum()),
+                misinformed=int(misinformed[start:stop].sum()),
                 flagged=flagged,
             )
-            return Answer(labels, scores, policy_name)
-        except Exception as exc:
-            status = str(getattr(exc, "status", 500))
-            self.audit.write(
-                "refused",
-                key=key.id,
-                tier=tier.name,
-                rows=rows,
-                status=int(status),
-                reason=getattr(exc, "code", "internal"),
-            )
-            raise
-        finally:
-            self.metrics.requests.labels(tier.name, status).inc()
-            self.metrics.latency.observe(time.perf_counter() - started)
+            answers.append(Answer(labels[start:stop], scores[start:stop], policy_name))
+            self.metrics.requests.labels(tier.name, "200").inc()
+            self.metrics.latency.observe(time.perf_counter() - adm.started)
+            start = stop
+        return answers
+
+    def _refused(self, key: ApiKey, tier: _Tier, rows: int, exc: Exception, started: float) -> Exception:
+        status = str(getattr(exc, "status", 500))
+        self.audit.write(
+            "refused",
+            key=key.id,
+            tier=tier.name,
+            rows=rows,
+            status=int(status),
+            reason=getattr(exc, "code", "internal"),
+        )
+        self.metrics.requests.labels(tier.name, status).inc()
+        self.metrics.latency.observe(time.perf_counter() - started)
+        return exc
 
     def refused_unauthenticated(self, reason: str) -> None:
         self.metrics.requests.labels("", "401").inc()
@@ -386,7 +479,7 @@ class Gateway:
                 continue
             # let rows gather for a few milliseconds: one wake-up per burst, not per request (each
             # wake-up costs a GIL hand-off and a context switch on the request path's cores)
-            time.sleep(0.005)
+            time.sleep(0.05)
             items = [first]
             while len(items) < 4096:
                 try:
