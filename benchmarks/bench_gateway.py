@@ -461,7 +461,7 @@ def build_fixture(workdir: Path, args: argparse.Namespace) -> Fixture:
 
     config = {
         "data_dir": "gateway-data",
-        "workers": 1,
+        "workers": args.workers,
         "trace_rate": TRACE_RATE,
         "metrics_public": True,  # the counters are read at the end
     }
@@ -758,11 +758,14 @@ def _run(args: argparse.Namespace, workdir: Path, env: dict[str, str], servers: 
         BARE_APP.format(input_type="list[" * (rank + 1) + "float" + "]" * (rank + 1)), encoding="utf-8"
     )
     token = create_key(fx, "bench", env)
+    # --keys N: the gateway's requests go through N keys in turn (one client per key when N equals
+    # the concurrency), so coalesced requests belong to different keys, as from different customers
+    tokens = [token] + [create_key(fx, f"bench-{i}", env) for i in range(1, args.keys)]
     growth_token = create_key(fx, "growth", env)
 
     bare_port, gw_port = free_port(), free_port()
     bare_cmd = [sys.executable, "-m", "uvicorn", "bare_app:app", "--app-dir", str(workdir), "--host", "127.0.0.1"]
-    uvicorn_opts = ["--workers", "1", "--loop", "uvloop", "--http", "httptools", "--no-access-log"]
+    uvicorn_opts = ["--workers", str(args.workers), "--loop", "uvloop", "--http", "httptools", "--no-access-log"]
     bare = Server(
         "bare",
         [*bare_cmd, "--port", str(bare_port), *uvicorn_opts, "--log-level", "info"],
@@ -793,6 +796,7 @@ def _run(args: argparse.Namespace, workdir: Path, env: dict[str, str], servers: 
         print(f"    {line}")
     wpq = "n/a" if fx.work_per_query is None else f"{fx.work_per_query:,} multiply-adds (worst case, constant)"
     print(f"monitor: work per query {wpq}")
+    print(f"API keys: {len(tokens)} (the gateway's requests go through them in turn)")
     print("set-up: " + ", ".join(f"{k} {v:.1f} s" for k, v in fx.timings.items()))
 
     # Sanity: both sides answer the same body, labels agree except for traced answers.
@@ -808,9 +812,10 @@ def _run(args: argparse.Namespace, workdir: Path, env: dict[str, str], servers: 
 
     requests = {
         (side, b): [
-            request_bytes(srv.port, path, body, tok) for body in fx.bodies[b]
+            request_bytes(srv.port, path, body, None if side == "bare" else tokens[j % len(tokens)])
+            for j, body in enumerate(fx.bodies[b])
         ]
-        for side, srv, path, tok in (("bare", bare, "/predict", None), ("gateway", gateway, "/v1/predict", token))
+        for side, srv, path in (("bare", bare, "/predict"), ("gateway", gateway, "/v1/predict"))
         for b in args.batches
     }  # fmt: skip
     sides = {"bare": bare, "gateway": gateway}
@@ -941,6 +946,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of bare/gateway runs (default 3)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="rows per request (default 1 32)")
     parser.add_argument("--prior-rows", type=int, default=100_000, help="growth check's prior rows (default 10^5)")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers on each side (default 1)")
+    parser.add_argument("--keys", type=int, default=1, help="API keys the gateway's requests go through in turn")
     parser.add_argument("--epochs", type=int, default=30, help="training epochs of the MLP (default 30)")
     parser.add_argument("--quick", action="store_true", help="smoke check: 1 round, 0.5 s warm-up, 2 s runs")
     parser.add_argument("--json", metavar="PATH", help="also write every run as JSON here")
@@ -949,6 +956,8 @@ def main() -> int:
         args.rounds, args.warmup, args.duration = 1, 0.5, 2.0
     if args.concurrency < 1 or args.rounds < 1 or args.duration <= 0 or args.warmup < 0:
         parser.error("--concurrency and --rounds must be >= 1, --duration > 0, --warmup >= 0")
+    if args.keys < 1 or args.workers < 1:
+        parser.error("--keys and --workers must be >= 1")
     if any(b < 1 or b > 256 for b in args.batches):
         parser.error("--batches must be in 1..256 (the gateway's max_batch)")
     args.batches = list(dict.fromkeys(args.batches))

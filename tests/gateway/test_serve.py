@@ -220,3 +220,20 @@ def test_monitor_calibrate_writes_a_config_the_gateway_loads(tmp_path: Path, sea
     )
     result = CliRunner().invoke(cli_app, ["serve", "--config", str(config)], env={PASSPHRASE_ENV: PASSPHRASE})
     assert result.exit_code == 2 and "monitor.reference" in result.output
+
+
+def test_the_config_reaches_workers_intact_with_infinite_thresholds(tmp_path: Path, sealed_model: Path) -> None:
+    """``serve --workers N`` hands the config to its workers as JSON; an infinite threshold (a
+    statistic switched off, as ``monitor calibrate`` prints it) must come back as itself."""
+    import math
+
+    from modelseal.gateway.settings import GatewayConfig
+
+    from .conftest import make_config
+
+    thresholds = {"coverage": 1.2, "ood": math.inf, "normality": -math.inf}
+    config = make_config(
+        tmp_path, sealed_model, monitor={"reference": str(tmp_path / "r.npz"), "thresholds": thresholds}
+    )
+    again = GatewayConfig.model_validate_json(config.model_dump_json())
+    assert again == config and again.monitor.thresholds == thresholds

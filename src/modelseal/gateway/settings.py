@@ -19,7 +19,8 @@ POLICY_NAMES = ("top_k", "round", "noise", "label_only", "coverage")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # infinite thresholds (a statistic switched off) must survive the JSON hand-over to workers
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
 
 
 class TierConfig(_Strict):
