@@ -324,3 +324,12 @@ def test_requests_answered_together_get_what_each_would_alone(gateway_factory: C
     assert coalesced == alone
     # the quota ran out part-way for the first key in both runs (15 rows a minute), at the same request
     assert "QuotaExceeded" in alone and alone.count("MalformedRequest") == 1
+
+
+def test_onnx_runtime_threads_do_not_spin_unless_asked(gateway_factory: Callable[..., Gateway]) -> None:
+    quiet = gateway_factory().runner._session.get_session_options()  # type: ignore[attr-defined]
+    assert quiet.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    busy = gateway_factory(model_spin=True, model_intra_op_threads=1).runner._session  # type: ignore[attr-defined]
+    assert busy.get_session_options().intra_op_num_threads == 1
+    with pytest.raises(RuntimeError):  # not set: ONNX Runtime's default, which spins
+        busy.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")

@@ -155,7 +155,15 @@ def open_runner(model: ModelSection) -> Runner:
     keys = _unwrappers(model)
     name = model.path.name
     if model.runtime == "onnx":
-        return OnnxRunner(loaders.load_onnx(model.path, entry=model.entry, **keys), name=name, scores=model.scores)
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if model.intra_op_threads is not None:
+            options.intra_op_num_threads = model.intra_op_threads
+        if not model.spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = loaders.load_onnx(model.path, entry=model.entry, sess_options=options, **keys)
+        return OnnxRunner(session, name=name, scores=model.scores)
     if model.arch is None or model.input_shape is None:
         raise ConfigError("model: the torch runtime needs model.arch (module:factory) and model.input_shape")
     module = import_factory(model.arch)()

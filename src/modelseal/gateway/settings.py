@@ -78,6 +78,12 @@ class ModelSection(_Strict):
     keyserver: str | None = None
     licence: str | None = None
     scores: Literal["auto", "probabilities", "logits"] = "auto"
+    intra_op_threads: int | None = Field(None, ge=1, le=256)
+    """ONNX Runtime's threads per inference (default: its own choice, one per core)."""
+    spin: bool = False
+    """Let ONNX Runtime's idle threads spin between inferences. Off by default: a gateway runs
+    small batches back to back from one event loop, and spinning threads burned half a core here
+    while adding nothing to throughput."""
 
 
 class GatewayConfig(_Strict):
