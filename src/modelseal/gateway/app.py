@@ -93,11 +93,9 @@ _PREDICT_DOC: dict[str, Any] = {
 }
 
 
-def error_response(exc: GatewayError) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-    if isinstance(exc, InvalidApiKey):
-        headers = {**(headers or {}), "WWW-Authenticate": 'Bearer realm="modelseal"'}
-    return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, exc.status, headers=headers)
+def error_response(exc: GatewayError) -> Response:
+    status, headers, body = _error_reply(exc)
+    return Response(body, status, headers={k: v for k, v in headers if k != "content-type"}, media_type=JSON)
 
 
 _Reply = tuple[int, list[tuple[str, str]], bytes]
@@ -291,11 +289,11 @@ def create_app(gateway: Gateway) -> PredictFront:
     coalescer = Coalescer(gateway)
 
     @app.exception_handler(GatewayError)
-    async def gateway_error(_request: Request, exc: GatewayError) -> JSONResponse:
+    async def gateway_error(_request: Request, exc: GatewayError) -> Response:
         return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 405:
             return error_response(MethodNotAllowed("method not allowed"))
         if exc.status_code == 404:
