@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from modelseal.gateway.app import create_app
-from modelseal.gateway.service import Gateway
+from modelseal.gateway.service import Answer, Gateway
 
 TIERS: dict[str, Any] = {
     "default": {"per_minute": 1000},
@@ -333,3 +333,33 @@ def test_onnx_runtime_threads_do_not_spin_unless_asked(gateway_factory: Callable
     assert busy.get_session_options().intra_op_num_threads == 1
     with pytest.raises(RuntimeError):  # not set: ONNX Runtime's default, which spins
         busy.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_coalesced_rows_of_different_lengths_are_answered_apart(tmp_path: Path, sealed_model: Path) -> None:
+    """A model with a free row dimension: one key's requests of different row lengths, answered at
+    once, each get the answer they get alone."""
+    from modelseal.gateway.runner import Runner
+    from modelseal.gateway.service import Gateway as _Gateway
+
+    from .conftest import make_config
+
+    class Ragged(Runner):
+        row_shape = (None,)
+        dtype = np.dtype(np.float32)
+        num_classes = 3
+        name = "ragged"
+
+        def _raw(self, x: np.ndarray) -> np.ndarray:
+            return np.stack([x.sum(axis=1), x.max(axis=1), -x.min(axis=1)], axis=1)
+
+    gw = _Gateway(make_config(tmp_path, sealed_model, trace_rate=0.0), runner=Ragged("logits"))
+    try:
+        key = gw.authenticate(gw.store.create("ragged")[1])
+        assert key is not None
+        short, long = _rows(2, seed=1)[:, :4], _rows(3, seed=2)[:, :7]
+        together = gw.predict_many([(key, short), (key, long), (key, short)])
+        for got, x in zip(together, (short, long, short), strict=True):
+            alone = gw.predict(key, x)
+            assert isinstance(got, Answer) and np.array_equal(got.scores, alone.scores)
+    finally:
+        gw.close()

@@ -331,10 +331,10 @@ class Gateway:
             admitted.append(_Admitted(i, key, tier, x, flagged, started))
         for adm, error in self._run_model(admitted):
             results[adm.index] = self._refused(adm.key, adm.tier, len(adm.x), error, adm.started)
-        groups: dict[tuple[str, str, bool], list[_Admitted]] = {}
-        for adm in admitted:
+        groups: dict[tuple[str, str, bool, tuple[int, ...]], list[_Admitted]] = {}
+        for adm in admitted:  # a model with a free dimension may get rows of several shapes
             if adm.probs is not None:
-                groups.setdefault((adm.key.id, adm.tier.name, adm.flagged), []).append(adm)
+                groups.setdefault((adm.key.id, adm.tier.name, adm.flagged, adm.x.shape[1:]), []).append(adm)
         for group in groups.values():
             for adm, answer in zip(group, self._answer(group), strict=True):
                 results[adm.index] = answer
@@ -374,7 +374,7 @@ class Gateway:
         return refused
 
     def _answer(self, group: list[_Admitted]) -> list[Answer]:
-        """Answers for one key's admitted requests (same tier, same flag), in arrival order."""
+        """Answers for one key's admitted requests (same tier, flag and row shape), in arrival order."""
         key, tier, flagged = group[0].key, group[0].tier, group[0].flagged
         x = np.concatenate([a.x for a in group]) if len(group) > 1 else group[0].x
         probs = np.concatenate([a.probs for a in group if a.probs is not None]) if len(group) > 1 else group[0].probs
