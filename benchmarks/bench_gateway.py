@@ -13,7 +13,9 @@ Set-up, in a temp dir (removed at the end):
   ``.onnx``;
 - **bare**: a FastAPI app written the idiomatic way (a pydantic ``Req`` with ``inputs: list[...]``,
   ``session.run`` inline in an ``async def`` route, softmax, a dict returned as JSON), on uvicorn with
-  the options ``modelseal serve`` uses: 1 worker, uvloop, httptools, no access log;
+  the options ``modelseal serve`` uses: 1 worker, uvloop, httptools, no access log (with
+  ``--workers N``, the same worker layout as ``modelseal serve``: a listening socket per worker with
+  ``SO_REUSEPORT``; ``--bare-shared-socket`` gives it uvicorn's own ``--workers`` instead);
 - **gateway**: ``modelseal serve`` with 1 worker, the monitor on (a ``Reference`` fitted on the
   training split, thresholds calibrated on 100 simulated benign clients drawn from the test split),
   tracing at 1%, and a tier with the policy chain ``top_k:3, round:3, noise:0.01, coverage`` and
@@ -127,7 +129,22 @@ async def predict(req: Req):
 @app.get("/healthz")
 async def healthz():
     return {{"status": "ok"}}
+
+
+def make_app():
+    return app
 '''
+
+# --workers N > 1: the bare side gets the same worker layout as `modelseal serve` (a listening socket
+# per worker, SO_REUSEPORT), so both sides spread their connections over their workers alike
+BARE_WORKERS = """import sys
+
+from modelseal.gateway.workers import serve_workers
+
+if __name__ == "__main__":  # the workers are spawned: they import this file again
+    serve_workers("bare_app:make_app", host="127.0.0.1", port=int(sys.argv[1]), workers=int(sys.argv[2]),
+                  options={{"loop": "uvloop", "http": "httptools", "access_log": False, "log_level": "info"}})
+"""
 
 
 def log(msg: str) -> None:
@@ -766,13 +783,14 @@ def _run(args: argparse.Namespace, workdir: Path, env: dict[str, str], servers: 
     bare_port, gw_port = free_port(), free_port()
     bare_cmd = [sys.executable, "-m", "uvicorn", "bare_app:app", "--app-dir", str(workdir), "--host", "127.0.0.1"]
     uvicorn_opts = ["--workers", str(args.workers), "--loop", "uvloop", "--http", "httptools", "--no-access-log"]
-    bare = Server(
-        "bare",
-        [*bare_cmd, "--port", str(bare_port), *uvicorn_opts, "--log-level", "info"],
-        workdir,
-        {**env, "BENCH_BARE_MODEL": str(fx.onnx_path)},
-        bare_port,
-    )
+    bare_env = {**env, "BENCH_BARE_MODEL": str(fx.onnx_path)}
+    if args.workers > 1 and not args.bare_shared_socket:
+        (workdir / "bare_workers.py").write_text(BARE_WORKERS.format(), encoding="utf-8")
+        bare_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(workdir), env.get("PYTHONPATH")]))
+        bare_argv = [sys.executable, str(workdir / "bare_workers.py"), str(bare_port), str(args.workers)]
+    else:
+        bare_argv = [*bare_cmd, "--port", str(bare_port), *uvicorn_opts, "--log-level", "info"]
+    bare = Server("bare", bare_argv, workdir, bare_env, bare_port)
     serve_cmd = [*modelseal_cmd(), "serve", str(fx.sealed_path), "--config", str(fx.config_path)]
     gateway = Server(
         "gateway",
@@ -789,7 +807,14 @@ def _run(args: argparse.Namespace, workdir: Path, env: dict[str, str], servers: 
 
     print(f"model: digits MLP (modelseal.lab, hidden 128-128), input {list(fx.input_shape)} per row, 10 classes; "
           f"test accuracy {fx.accuracy:.3f}")  # fmt: skip
-    print(f"bare:    {shlex.join(bare.cmd)}  (cwd: temp dir; app: pydantic Req, session.run inline, dict -> JSON)")
+    if args.workers == 1:
+        layout = "1 worker"
+    elif args.bare_shared_socket:
+        layout = "uvicorn --workers: one socket shared by the workers"
+    else:
+        layout = "a listening socket per worker, as modelseal serve"
+    print(f"bare:    {shlex.join(bare.cmd)}")
+    print(f"         (cwd: temp dir; app: pydantic Req, session.run inline, dict -> JSON; {layout})")
     print(f"gateway: {shlex.join(gateway.cmd)}")
     print(f"gateway config: {fx.config_path.name}")
     for line in fx.config_path.read_text().splitlines():
@@ -947,6 +972,12 @@ def main() -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="rows per request (default 1 32)")
     parser.add_argument("--prior-rows", type=int, default=100_000, help="growth check's prior rows (default 10^5)")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers on each side (default 1)")
+    parser.add_argument(
+        "--bare-shared-socket",
+        action="store_true",
+        help="with --workers N: run the bare side with uvicorn's own --workers (one listening socket shared by "
+        "its workers) instead of the gateway's socket per worker",
+    )
     parser.add_argument("--keys", type=int, default=1, help="API keys the gateway's requests go through in turn")
     parser.add_argument("--epochs", type=int, default=30, help="training epochs of the MLP (default 30)")
     parser.add_argument("--quick", action="store_true", help="smoke check: 1 round, 0.5 s warm-up, 2 s runs")

@@ -47,6 +47,12 @@ def _write_config(tmp_path: Path, sealed: Path) -> Path:
 
 @contextmanager
 def serving(config: Path, *args: str) -> Iterator[str]:
+    with serving_process(config, *args) as (base, _):
+        yield base
+
+
+@contextmanager
+def serving_process(config: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELSEAL")}
@@ -64,7 +70,7 @@ def serving(config: Path, *args: str) -> Iterator[str]:
                 pytest.fail(f"serve exited: {proc.stdout.read().decode() if proc.stdout else ''}")
         else:
             pytest.fail("the gateway did not come up")
-        yield base
+        yield base, proc
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
@@ -237,3 +243,142 @@ def test_the_config_reaches_workers_intact_with_infinite_thresholds(tmp_path: Pa
     )
     again = GatewayConfig.model_validate_json(config.model_dump_json())
     assert again == config and again.monitor.thresholds == thresholds
+
+
+# --- serve --workers N: a listening socket per worker ---------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in (entry / "cmdline").read_bytes():
+                out.append(int(entry.name))  # a worker (not multiprocessing's resource tracker)
+    return out
+
+
+def _tcp_sockets(port: int, state: str) -> set[str]:
+    """Socket inodes of the local TCP sockets on ``port`` in ``state`` (01 established, 0A listen)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == state:
+                    inodes.add(fields[9])
+    return inodes
+
+
+def _owned(pid: int, inodes: set[str]) -> int:
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = os.readlink(fd)
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link[8:-1] in inodes:
+            count += 1
+    return count
+
+
+def test_workers_each_listen_and_connections_spread_over_them(tmp_path: Path, sealed_model: Path) -> None:
+    """A burst of keep-alive connections lands on every worker (uvicorn's shared socket often gave
+    all of them to one worker while the other idled), and SIGTERM stops the workers with the parent."""
+    config = _write_config(tmp_path, sealed_model)
+    token = _cli("gateway", "key", "create", "load", "--config", str(config)).strip().splitlines()[-1]
+    row = np.zeros((1, 32), np.float32).tolist()
+    with serving_process(config, "--workers", "2") as (base, proc):
+        port = int(base.rsplit(":", 1)[1])
+        deadline = time.monotonic() + 60
+        while True:  # both workers up: each holds its own listening socket on the port
+            workers = _children(proc.pid)
+            listening = _tcp_sockets(port, "0A")
+            if len(workers) >= 2 and all(_owned(w, listening) == 1 for w in workers):
+                break
+            assert time.monotonic() < deadline, "the workers did not both listen"
+            time.sleep(0.1)
+        assert len(workers) == 2 and _owned(proc.pid, listening) == 0  # the parent listens on nothing
+        for _ in range(3):  # three bursts of 16 connections: all on one worker has odds of 3 in 100,000
+            clients = [httpx.Client(base_url=base, timeout=30) for _ in range(16)]
+            try:
+                with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                    statuses = list(
+                        pool.map(
+                            lambda c: (
+                                c.post(
+                                    "/v1/predict", json={"inputs": row}, headers={"Authorization": f"Bearer {token}"}
+                                ).status_code
+                            ),
+                            clients,
+                        )
+                    )
+                assert statuses == [200] * 16
+                established = _tcp_sockets(port, "01")
+                per_worker = [_owned(w, established) for w in workers]
+                assert sum(per_worker) == 16 and min(per_worker) >= 1, per_worker
+            finally:
+                for c in clients:
+                    c.close()
+    assert proc.returncode == 0
+    time.sleep(0.2)
+    assert not [w for w in workers if Path(f"/proc/{w}").exists() and "zombie" not in _state(w)]
+
+
+def _state(pid: int) -> str:
+    try:
+        return (Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0]).lower()
+    except (OSError, IndexError):
+        return "gone"
+
+
+def test_a_worker_that_dies_is_replaced(tmp_path: Path, sealed_model: Path) -> None:
+    import signal
+
+    config = _write_config(tmp_path, sealed_model)
+    token = _cli("gateway", "key", "create", "load", "--config", str(config)).strip().splitlines()[-1]
+    with serving_process(config, "--workers", "2") as (base, proc):
+        port = int(base.rsplit(":", 1)[1])
+        deadline = time.monotonic() + 60
+        while len(workers := _children(proc.pid)) < 2 or not all(_owned(w, _tcp_sockets(port, "0A")) for w in workers):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            now = _children(proc.pid)
+            fresh = [w for w in now if w not in workers]
+            if fresh and all(_owned(w, _tcp_sockets(port, "0A")) for w in now if "zombie" not in _state(w)):
+                break
+            assert time.monotonic() < deadline, "no replacement worker"
+            time.sleep(0.1)
+        for _ in range(10):  # new connections, spread over both: every one answered
+            r = httpx.post(
+                f"{base}/v1/predict",
+                json={"inputs": np.zeros((1, 32)).tolist()},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert r.status_code == 200
+
+
+def test_workers_refuse_a_port_already_in_use(tmp_path: Path, sealed_model: Path) -> None:
+    """A second gateway on a taken port fails with exit 2 (SO_REUSEPORT alone would let it share the
+    first one's traffic)."""
+    import socket
+
+    config = _write_config(tmp_path, sealed_model)
+    taken = socket.create_server(("127.0.0.1", 0), reuse_port=True)
+    try:
+        env = {**os.environ, PASSPHRASE_ENV: PASSPHRASE}
+        done = subprocess.run(
+            [sys.executable, "-m", "modelseal", "serve", "--config", str(config),
+             "--port", str(taken.getsockname()[1]), "--workers", "2"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        taken.close()
+    assert done.returncode == 2, done.stderr
+    assert "cannot listen on 127.0.0.1" in done.stderr and "Traceback" not in done.stderr

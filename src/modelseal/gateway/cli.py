@@ -167,6 +167,7 @@ def register(app: typer.Typer, translate: Callable[[], AbstractContextManager[No
             from .app import create_app
             from .service import Gateway
             from .settings import load_config
+            from .workers import serve_workers
 
             cfg = load_config(
                 config,
@@ -199,13 +200,17 @@ def register(app: typer.Typer, translate: Callable[[], AbstractContextManager[No
             metrics_dir.mkdir(parents=True, mode=0o700)
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
             os.environ[CONFIG_ENV] = cfg.model_dump_json()
-            uvicorn.run(
+            print(
+                f"serving {cfg.model.path.name} on http://{cfg.host}:{cfg.port} with {cfg.workers} workers "
+                "(docs at /docs)",
+                file=sys.stderr,
+            )
+            serve_workers(
                 "modelseal.gateway.cli:app_from_env",
-                factory=True,
                 host=cfg.host,
                 port=cfg.port,
                 workers=cfg.workers,
-                **_uvicorn_options(),
+                options=_uvicorn_options(),
             )
 
     @key_app.command("create")
