@@ -31,7 +31,7 @@ class Batch:
         out = self._keyed.get(secret)
         if out is None:
             prefix = self.key_id.encode("utf-8") + b"\x00"
-            out = self._keyed[secret] = [hmac.new(secret, prefix + d, hashlib.sha256).digest() for d in self.digests]
+            out = self._keyed[secret] = [hmac.digest(secret, prefix + d, "sha256") for d in self.digests]
         return out
 
     def __len__(self) -> int:

@@ -10,6 +10,7 @@ thief has to cover all of it.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import threading
 from collections import OrderedDict
@@ -45,7 +46,7 @@ def round_scores(decimals: int) -> Policy:
     """Round every score to ``decimals`` places."""
     if decimals < 0:
         raise ValueError("decimals must be non-negative")
-    return lambda _batch, scores: np.round(scores, decimals)
+    return lambda _batch, scores: scores.round(decimals)  # np.round's values, without its wrapper
 
 
 def _label_only(scores: np.ndarray) -> np.ndarray:
@@ -65,12 +66,14 @@ _S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(
 _STEPS: dict[int, np.ndarray] = {}
 
 
-def _splitmix(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser over a uint64 array (array arithmetic wraps silently, as it must)."""
-    z = (z ^ (z >> _S30)) * _MIX1
-    z = (z ^ (z >> _S27)) * _MIX2
-    out: np.ndarray = z ^ (z >> _S31)
-    return out
+def _splitmix_inplace(z: np.ndarray) -> None:
+    """SplitMix64's finaliser over a uint64 array, in place (array arithmetic wraps silently, as it
+    must; in place because this runs on every request of a tier with noise)."""
+    z ^= z >> _S30
+    z *= _MIX1
+    z ^= z >> _S27
+    z *= _MIX2
+    z ^= z >> _S31
 
 
 def keyed_normals(secret: bytes, batch: Batch, k: int) -> np.ndarray:
@@ -81,9 +84,17 @@ def keyed_normals(secret: bytes, batch: Batch, k: int) -> np.ndarray:
     steps = _STEPS.get(k)
     if steps is None:
         steps = _STEPS[k] = (_GOLDEN * np.arange(1, 2 * k + 1, dtype=np.uint64))[None, :]
-    bits = _splitmix(seeds[:, None] + steps) >> _S11  # 53 random bits
-    u = (bits.astype(np.float64) + 0.5) * (1.0 / float(1 << 53))  # in (0, 1)
-    normals: np.ndarray = np.sqrt(-2.0 * np.log(u[:, :k])) * np.cos((2.0 * np.pi) * u[:, k:])  # Box-Muller
+    z = seeds[:, None] + steps
+    _splitmix_inplace(z)
+    z >>= _S11  # 53 random bits
+    u = z.astype(np.float64)
+    u += 0.5
+    u *= 1.0 / float(1 << 53)  # in (0, 1)
+    normals = np.log(u[:, :k])
+    normals *= -2.0
+    np.sqrt(normals, out=normals)
+    angle = (2.0 * np.pi) * u[:, k:]  # contiguous, as numpy's cos saw it before (its SIMD path)
+    normals *= np.cos(angle, out=angle)  # Box-Muller
     return normals
 
 
@@ -97,12 +108,15 @@ def noise(sigma: float, secret: bytes) -> Policy:
 
     def apply(batch: Batch, scores: np.ndarray) -> np.ndarray:
         n, k = scores.shape
-        noisy = np.clip(scores + sigma * keyed_normals(secret, batch, k), 1e-6, None)
+        noisy = keyed_normals(secret, batch, k)  # in place from here on: the values of
+        noisy *= sigma  # clip(scores + sigma * normals, 1e-6, None), without the temporaries
+        noisy += scores
+        np.maximum(noisy, 1e-6, out=noisy)
         rows = np.arange(n)
         top = scores.argmax(axis=1)
         noisy[rows, top] = np.maximum(noisy[rows, top], noisy.max(axis=1) + 1e-6)  # the label does not change
-        out: np.ndarray = noisy / noisy.sum(axis=1, keepdims=True)
-        return out
+        noisy /= noisy.sum(axis=1, keepdims=True)
+        return noisy
 
     return apply
 
@@ -159,7 +173,9 @@ class CoveragePricer:
         self.buckets = 1 << bits
         self.levels = levels
         self.max_keys = max_keys
-        self._seen: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._bounds = [level * self.buckets for level in levels]  # visited buckets where each level starts
+        # per key: a byte per bucket (1 = visited) and how many are visited
+        self._seen: OrderedDict[str, tuple[bytearray, list[int]]] = OrderedDict()
         self._lock = threading.Lock()
 
     def bucket_ids(self, x: np.ndarray) -> np.ndarray:
@@ -169,29 +185,34 @@ class CoveragePricer:
 
     def coverage(self, key_id: str) -> float:
         with self._lock:
-            seen = self._seen.get(key_id)
-            return 0.0 if seen is None else float(seen.sum()) / self.buckets
+            state = self._seen.get(key_id)
+            return 0.0 if state is None else state[1][0] / self.buckets
 
     def __call__(self, batch: Batch, scores: np.ndarray) -> np.ndarray:
-        ids = self.bucket_ids(batch.x)
+        ids = self.bucket_ids(batch.x).tolist()
+        bounds = self._bounds
         with self._lock:
-            seen = self._seen.pop(batch.key_id, None)
-            if seen is None:
-                seen = np.zeros(self.buckets, dtype=bool)
+            state = self._seen.pop(batch.key_id, None)
+            if state is None:
+                state = (bytearray(self.buckets), [0])
                 if len(self._seen) >= self.max_keys:
                     self._seen.popitem(last=False)
-            self._seen[batch.key_id] = seen
-            before = int(seen.sum())
+            self._seen[batch.key_id] = state
+            seen, count = state
+            visited = count[0]
             # coverage as each row arrives: rows later in a batch pay for the earlier ones' buckets
-            new = np.zeros(len(ids), dtype=np.int64)
-            for i, b in enumerate(ids):
+            levels = []
+            for b in ids:
                 if not seen[b]:
-                    seen[b] = True
-                    before += 1
-                new[i] = before
-        level = np.searchsorted(np.asarray(self.levels) * self.buckets, new, side="right")
+                    seen[b] = 1
+                    visited += 1
+                levels.append(bisect.bisect_right(bounds, visited))
+            count[0] = visited
         out = np.array(scores, dtype=np.float64, copy=True)
-        for value, transform in ((1, lambda s: np.round(s, 2)), (2, lambda s: np.round(s, 1)), (3, _label_only)):
+        if levels[-1] == 0:  # levels never decrease within a batch: every row is answered as it is
+            return out
+        level = np.array(levels)
+        for value, transform in ((1, lambda s: s.round(2)), (2, lambda s: s.round(1)), (3, _label_only)):
             rows = level == value
             if rows.any():
                 out[rows] = transform(out[rows])
