@@ -284,9 +284,13 @@ def test_the_fast_path_and_the_documented_route_answer_alike(gateway: Gateway) -
             assert a.headers.get(name) == b.headers.get(name), name
 
 
-def test_requests_answered_together_get_what_each_would_alone(gateway_factory: Callable[..., Gateway]) -> None:
+@pytest.mark.parametrize("offload", [False, True], ids=["on-loop", "worker-thread"])
+def test_requests_answered_together_get_what_each_would_alone(
+    gateway_factory: Callable[..., Gateway], offload: bool
+) -> None:
     """The app coalesces predictions that arrive together; tracing, keyed noise, coverage pricing,
-    quotas and refusals stay per request (and per key, in arrival order)."""
+    quotas and refusals stay per request (and per key, in arrival order). Alike when the service
+    call runs on a worker thread (as with Redis quotas)."""
     import asyncio
 
     from modelseal.gateway.app import Coalescer
@@ -316,9 +320,12 @@ def test_requests_answered_together_get_what_each_would_alone(gateway_factory: C
             alone.append(outcome(exc))
 
     async def together() -> list[Any]:
-        coalescer = Coalescer(together_gw)
+        coalescer = Coalescer(together_gw, offload=offload)
         calls = [coalescer.predict(together_gw.authenticate(t), x) for t, x in plan]  # type: ignore[arg-type]
-        return await asyncio.gather(*calls, return_exceptions=True)
+        try:
+            return await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            coalescer.close()
 
     coalesced = [outcome(r) for r in asyncio.run(together())]
     assert coalesced == alone
@@ -363,3 +370,85 @@ def test_coalesced_rows_of_different_lengths_are_answered_apart(tmp_path: Path, 
             assert isinstance(got, Answer) and np.array_equal(got.scores, alone.scores)
     finally:
         gw.close()
+
+
+# --- a quota store across the network ---------------------------------------------------------
+
+
+def test_an_unreachable_redis_delays_predictions_but_never_the_event_loop(tmp_path: Path, sealed_model: Path) -> None:
+    """With Redis quotas the service call runs off the event loop: while a charge waits on a Redis
+    that never answers, /healthz still answers, and the prediction then gets a 503."""
+    import asyncio
+    import socket
+
+    import httpx
+
+    from modelseal.gateway.quota import RedisQuota
+
+    from .conftest import make_config
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # connects complete, nobody ever answers
+        quota = RedisQuota(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", socket_timeout=2.0)
+        gateway = Gateway(make_config(tmp_path, sealed_model), quota=quota)
+        _, token = gateway.store.create("user", tier="default", scopes=("predict",))
+        app = create_app(gateway)
+
+        async def scenario() -> tuple[int, bool, int, str]:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+                body = {"inputs": _rows(1).tolist()}
+                predicting = asyncio.create_task(
+                    client.post("/v1/predict", json=body, headers={"Authorization": f"Bearer {token}"})
+                )
+                await asyncio.sleep(0.2)  # the charge is now waiting on the silent socket
+                health = await client.get("/healthz")
+                still_waiting = not predicting.done()
+                answer = await predicting
+                return health.status_code, still_waiting, answer.status_code, answer.json()["error"]["code"]
+
+        gateway.start()
+        try:
+            health, still_waiting, status, code = asyncio.run(scenario())
+        finally:  # ASGITransport runs no lifespan: start and close by hand
+            gateway.close()
+    assert health == 200
+    assert still_waiting  # on the event loop, the charge would have held /healthz until it failed
+    assert (status, code) == (503, "unavailable")
+
+
+def test_requests_arriving_during_an_offloaded_flush_join_the_next(gateway: Gateway) -> None:
+    """On a worker thread, one flush runs at a time: requests arriving while it runs wait for it and
+    then go together in the next flush, and every request gets its own answer."""
+    import asyncio
+    import time
+
+    from modelseal.gateway.app import Coalescer
+
+    calls: list[int] = []
+
+    class Slow:  # the real gateway, made slow so the second wave arrives during the first flush
+        def predict_many(self, requests: Any) -> Any:
+            calls.append(len(requests))
+            time.sleep(0.3)
+            return gateway.predict_many(requests)
+
+    key = gateway.authenticate(_key(gateway)["Authorization"].split()[1])
+    assert key is not None
+
+    async def waves() -> list[Any]:
+        coalescer = Coalescer(Slow(), offload=True)  # type: ignore[arg-type]
+        try:
+            first = [asyncio.ensure_future(coalescer.predict(key, _rows(1, seed=i))) for i in range(3)]
+            await asyncio.sleep(0.1)  # the first flush is running on the worker thread
+            second = [asyncio.ensure_future(coalescer.predict(key, _rows(2, seed=10 + i))) for i in range(4)]
+            return await asyncio.gather(*first, *second)
+        finally:
+            coalescer.close()
+
+    answers = asyncio.run(waves())
+    assert calls == [3, 4]
+    assert [len(a.labels) for a in answers] == [1, 1, 1, 2, 2, 2, 2]
+    for i, a in enumerate(answers[:3]):  # each its own rows' answer
+        assert a.labels.tolist() == gateway.predict(key, _rows(1, seed=i)).labels.tolist()

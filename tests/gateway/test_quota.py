@@ -272,6 +272,9 @@ def test_redis_key_layout_and_expiry(fresh_redis: RedisServer) -> None:
     with fresh_redis.client() as client:
         minute, day = int((DAY0 + 61) // 60), int(DAY0 // 86_400)
         names = sorted(n.decode() for n in client.keys("*"))
+        markers = [n for n in names if n.startswith("t:{k1}:c:")]
+        assert len(markers) == 1 and 0 < client.ttl(markers[0]) <= 60  # this charge's resend marker
+        names.remove(markers[0])
         assert names == sorted([f"t:{{k1}}:m:{minute}", f"t:{{k1}}:d:{day}", "t:{k1}:t"])
         assert 60 < client.ttl(f"t:{{k1}}:m:{minute}") <= 120  # the window plus a margin
         assert 86_400 < client.ttl(f"t:{{k1}}:d:{day}") <= 86_400 + 3600
@@ -286,6 +289,22 @@ def test_redis_instances_share_counters_per_prefix(fresh_redis: RedisServer) -> 
     assert other.usage("k1", now=DAY0) == usage(0, 0, 0)
     for q in (a, b, other):
         q.close()
+
+
+def test_redis_resent_charge_counts_once(fresh_redis: RedisServer) -> None:
+    """A charge resent under the same marker (the client's reconnect after the connection dropped
+    between the script running and its reply) adds nothing; a new charge adds again."""
+    q = RedisQuota(fresh_redis.url)
+    limits = Limits(per_minute=10)
+    q._run_charge("k1", 4, limits._values(), DAY0, "marker-1")
+    q._run_charge("k1", 4, limits._values(), DAY0, "marker-1")
+    assert q.usage("k1", now=DAY0) == usage(4, 4, 4)
+    q._run_charge("k1", 4, limits._values(), DAY0, "marker-2")
+    assert q.usage("k1", now=DAY0) == usage(8, 8, 8)
+    # a refused charge leaves no marker: its resend is checked again (and refused again)
+    assert int(q._run_charge("k1", 4, limits._values(), DAY0, "marker-3")[0]) == 1
+    assert q.usage("k1", now=DAY0) == usage(8, 8, 8)
+    q.close()
 
 
 def test_redis_script_cache_flushed(fresh_redis: RedisServer) -> None:

@@ -7,12 +7,16 @@ becomes its status with a one-line JSON reason, and nothing a client sends produ
 Predictions that arrive together are answered together (:class:`Coalescer`): a request queues its
 parsed rows and the first one schedules a flush for the event loop's next turn, so every request
 whose bytes were read in the same turn goes through :meth:`Gateway.predict_many` in one call. No
-request waits for a timer; one arriving alone is answered alone.
+request waits for a timer; one arriving alone is answered alone. With a quota store across the
+network (Redis), that call runs on a worker thread, one flush at a time, and the requests arriving
+meanwhile join the next flush: a slow or unreachable Redis then delays predictions (until its
+timeout gives a 503) but never stalls the event loop, so health checks and other routes still answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import io
 import json
@@ -186,11 +190,18 @@ def parse_inputs(body: bytes, content_type: str) -> np.ndarray:
 
 
 class Coalescer:
-    """Answers the predictions queued during one turn of the event loop in one service call."""
+    """Answers the predictions queued during one turn of the event loop in one service call.
 
-    def __init__(self, gateway: Gateway) -> None:
+    ``offload``: make that call on a worker thread (one at a time) instead of on the event loop.
+    """
+
+    def __init__(self, gateway: Gateway, *, offload: bool = False) -> None:
         self._gateway = gateway
         self._pending: list[tuple[ApiKey, np.ndarray, asyncio.Future[Answer]]] = []
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        if offload:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="modelseal-predict")
+        self._busy = False  # a flush is running on the worker thread
 
     async def predict(self, key: ApiKey, x: np.ndarray) -> Answer:
         loop = asyncio.get_running_loop()
@@ -200,14 +211,46 @@ class Coalescer:
         self._pending.append((key, x, future))
         return await future
 
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
     def _flush(self) -> None:
+        if self._busy or not self._pending:
+            return  # the running flush starts the next one when it finishes
         pending, self._pending = self._pending, []
-        try:
-            results = self._gateway.predict_many([(key, x) for key, x, _ in pending])
-        except Exception as exc:  # a bug: every request of the flush gets it (a 500, logged)
+        requests = [(key, x) for key, x, _ in pending]
+        if self._executor is None:
+            try:
+                results = self._gateway.predict_many(requests)
+            except Exception as exc:
+                self._deliver(pending, exc)
+                return
+            self._deliver(pending, results)
+            return
+        self._busy = True
+        loop = asyncio.get_running_loop()
+        running = loop.run_in_executor(self._executor, self._gateway.predict_many, requests)
+        running.add_done_callback(lambda done: self._finished(pending, done))
+
+    def _finished(
+        self, pending: list[tuple[ApiKey, np.ndarray, asyncio.Future[Answer]]], done: asyncio.Future[Any]
+    ) -> None:
+        self._busy = False
+        exc = done.exception() if not done.cancelled() else asyncio.CancelledError()
+        self._deliver(pending, exc if exc is not None else done.result())
+        if self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    @staticmethod
+    def _deliver(
+        pending: list[tuple[ApiKey, np.ndarray, asyncio.Future[Answer]]],
+        results: list[Answer | Exception] | BaseException,
+    ) -> None:
+        if isinstance(results, BaseException):  # a bug: every request of the flush gets it (a 500, logged)
             for _, _, future in pending:
                 if not future.done():
-                    future.set_exception(exc)
+                    future.set_exception(results)
             return
         for (_, _, future), result in zip(pending, results, strict=True):
             if future.done():  # the client went away and its request was cancelled
@@ -275,6 +318,7 @@ def create_app(gateway: Gateway) -> PredictFront:
         try:
             yield
         finally:
+            coalescer.close()
             gateway.close()
 
     app = FastAPI(
@@ -286,7 +330,7 @@ def create_app(gateway: Gateway) -> PredictFront:
         openapi_url="/openapi.json" if config.docs else None,
     )
     app.state.gateway = gateway
-    coalescer = Coalescer(gateway)
+    coalescer = Coalescer(gateway, offload=gateway.quota.remote)
 
     @app.exception_handler(GatewayError)
     async def gateway_error(_request: Request, exc: GatewayError) -> Response:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import operator
+import secrets
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -82,6 +83,10 @@ class Quota(ABC):
     @abstractmethod
     def reset(self, key_id: str) -> None:
         """Forget every counter of the key (the key was deleted; a new key with the same id starts at 0)."""
+
+    #: True when a charge waits on the network (the app then charges off its event loop, so a slow
+    #: or unreachable store delays predictions but never health checks or other routes)
+    remote = False
 
     def close(self) -> None:  # noqa: B027 - optional hook: the memory store holds nothing to release
         """Release connections; the object is not used afterwards."""
@@ -205,12 +210,20 @@ class MemoryQuota(Quota):
 
 # -- Redis -----------------------------------------------------------------------------------
 
-# KEYS: the minute, day and total counters of one key (one hash tag, so one cluster slot).
-# ARGV: rows; the minute, day and total limits (-1 = unlimited); the minute and day TTLs.
+# KEYS: the minute, day and total counters of one key, and this charge's marker (one hash tag,
+# so one cluster slot).
+# ARGV: rows; the minute, day and total limits (-1 = unlimited); the minute and day TTLs; the
+# marker's TTL.
 # Returns {0, minute, day, total} after charging, or {i, used} for the first window i (3 = total,
 # 2 = day, 1 = minute: longest first) that the charge would overflow, having charged nothing.
 # Scripts run atomically in Redis, so no other charge can interleave between the check and INCRBY.
+# The marker (a random name per charge) makes a resend harmless: if the connection drops after the
+# script ran but before its reply arrived, the client's one reconnect-and-resend finds the marker
+# and returns {0, -1, -1, -1} instead of charging a second time.
 _CHARGE_LUA = """
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  return {0, -1, -1, -1}
+end
 local rows = tonumber(ARGV[1])
 local used = {}
 for i = 1, 3 do
@@ -227,6 +240,7 @@ for i = 1, 3 do
 end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
+redis.call('SET', KEYS[4], '1', 'EX', ARGV[7])
 return {0, used[1], used[2], used[3]}
 """
 
@@ -234,16 +248,20 @@ return {0, used[1], used[2], used[3]}
 # find it; after that nobody reads it again and Redis drops it.
 _MINUTE_TTL = MINUTE + 60
 _DAY_TTL = DAY + 3600
+_MARKER_TTL = 60  # far longer than one reconnect-and-resend takes
 
 
 class RedisQuota(Quota):
     """Quotas shared by every worker and replica that points at the same Redis.
 
-    Keys are ``{prefix}{{key_id}}:m:{window}``, ``...:d:{window}`` and ``...:t``. The lifetime total
-    has no expiry, so it is only as durable as the Redis persistence behind it. Every Redis failure
+    Keys are ``{prefix}{{key_id}}:m:{window}``, ``...:d:{window}`` and ``...:t``, plus a marker
+    ``...:c:{random}`` per successful charge that lives 60 s (it makes a resent charge a no-op). The
+    lifetime total has no expiry, so it is only as durable as the Redis persistence behind it. Every Redis failure
     (down, timeout, error reply) becomes :class:`Unavailable`: the gateway answers 503 rather than
     serving unmetered, and no redis-py exception reaches the caller.
     """
+
+    remote = True
 
     def __init__(self, url: str, *, prefix: str = "mseal:quota:", socket_timeout: float = 1.0) -> None:
         import redis
@@ -254,8 +272,9 @@ class RedisQuota(Quota):
         self._connection_errors: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
         self.prefix = prefix
         # One immediate reconnect on a dropped connection (Redis restarted, pooled socket gone
-        # stale), but no retry on timeouts: the script may have run, and a resend would charge
-        # twice and double the wait. redis-py's default backoff would stall a request for seconds.
+        # stale); the charge's marker makes that resend harmless if the script had already run. No
+        # retry on timeouts: a resend would double the wait, and redis-py's default backoff would
+        # stall a request for seconds.
         self._client: redis.Redis = redis.Redis.from_url(
             url,
             socket_timeout=socket_timeout,
@@ -279,11 +298,7 @@ class RedisQuota(Quota):
         rows = _check_rows(rows)
         now = time.time() if now is None else now
         values = limits._values()
-        args = [rows, *(-1 if v is None else v for v in values), _MINUTE_TTL, _DAY_TTL]
-        try:
-            result: Any = self._charge(keys=self._keys(key_id, now), args=args)
-        except self._errors as exc:
-            raise self._unavailable(exc) from exc
+        result = self._run_charge(key_id, rows, values, now, secrets.token_hex(8))
         failed = int(result[0])
         if failed:
             period = PERIODS[failed - 1]
@@ -291,6 +306,15 @@ class RedisQuota(Quota):
             assert limit is not None  # the script only refuses on a finite limit
             window = _windows(now)[failed - 1] if failed < 3 else 0
             raise _refusal(period, rows, limit, int(result[1]), window, now)
+
+    def _run_charge(self, key_id: str, rows: int, values: tuple[int | None, ...], now: float, marker: str) -> Any:
+        """Run the charge script once under ``marker`` (a resend under the same marker is a no-op)."""
+        keys = [*self._keys(key_id, now), f"{self.prefix}{{{key_id}}}:c:{marker}"]
+        args = [rows, *(-1 if v is None else v for v in values), _MINUTE_TTL, _DAY_TTL, _MARKER_TTL]
+        try:
+            return self._charge(keys=keys, args=args)
+        except self._errors as exc:
+            raise self._unavailable(exc) from exc
 
     def usage(self, key_id: str, *, now: float | None = None) -> dict[str, int]:
         _check_key_id(key_id)
