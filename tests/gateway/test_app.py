@@ -230,6 +230,19 @@ def test_audit_records_hashes_not_data_and_metrics_count(client: TestClient, gat
     assert "modelseal_gateway_traced_answers_total{" not in metrics  # never per key: it would reveal them
 
 
+def test_metrics_summed_over_keys_when_per_key_is_off(gateway_factory: Callable[..., Gateway]) -> None:
+    gw = gateway_factory(tiers=TIERS, trace_rate=0.0, metrics_per_key=False)
+    with TestClient(create_app(gw), raise_server_exceptions=False) as client:
+        a, b = _key(gw), _key(gw, "small")
+        client.post("/v1/predict", json={"inputs": _rows(3).tolist()}, headers=a)
+        client.post("/v1/predict", json={"inputs": _rows(2).tolist()}, headers=b)
+        client.post("/v1/predict", json={"inputs": _rows(9).tolist()}, headers=b)  # over its minute quota
+        metrics = client.get("/metrics", headers=_key(gw, scopes=("metrics",))).text
+    assert 'modelseal_gateway_rows_total{key="*"} 5.0' in metrics
+    assert 'modelseal_gateway_quota_refusals_total{key="*",period="minute"} 1.0' in metrics
+    assert _key_id(a) not in metrics and _key_id(b) not in metrics
+
+
 def test_unknown_routes_and_methods_are_json_4xx(client: TestClient) -> None:
     assert client.get("/nope").status_code == 404
     r = client.get("/v1/predict")

@@ -11,8 +11,13 @@ from typing import Any
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """The gateway's series. ``per_key=False`` labels every per-key series ``key="*"`` (one series,
+    summed over keys), so the number of series does not grow with the number of keys."""
+
+    def __init__(self, *, per_key: bool = True) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self._per_key = per_key
 
         self._multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.registry = CollectorRegistry(auto_describe=True)
@@ -48,6 +53,10 @@ class Metrics:
         self.audit_dropped = Gauge(
             f"{ns}_audit_dropped", "Audit records dropped (writer behind)", registry=reg, multiprocess_mode="sum"
         )
+
+    def key(self, key_id: str) -> str:
+        """The ``key`` label for ``key_id``."""
+        return key_id if self._per_key else "*"
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest

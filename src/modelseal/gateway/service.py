@@ -145,7 +145,7 @@ class Gateway:
         self.pricer = CoveragePricer(dim, seed=derive(secret, "coverage"), centre=centre, scale=scale)
         self.tiers = {name: self._tier(name, tier) for name, tier in config.tiers.items()}
         self.store.set_meta("num_classes", str(self.runner.num_classes))  # the tracing verifier's null
-        self.metrics = Metrics()
+        self.metrics = Metrics(per_key=config.metrics_per_key)
         self.audit = AuditLog(config.audit_path, max_bytes=config.audit.max_bytes, backups=config.audit.backups)
         self._flagged: dict[str, tuple[str, ...]] = {}
         self._flag_lock = threading.Lock()
@@ -323,7 +323,7 @@ class Gateway:
                 try:
                     self.quota.charge(key.id, len(x), limits)
                 except QuotaExceeded as exc:
-                    self.metrics.quota_refusals.labels(key.id, exc.period).inc()
+                    self.metrics.quota_refusals.labels(self.metrics.key(key.id), exc.period).inc()
                     raise
             except Exception as exc:
                 results[i] = self._refused(key, tier, rows, exc, started)
@@ -406,9 +406,9 @@ class Gateway:
             self._observe_later(key, x)
         degraded = flagged and tier.config.on_alert == "degrade"
         scores = (tier.degraded if degraded else tier.policy)(batch, probs)
-        self.metrics.rows.labels(key.id).inc(len(x))
+        self.metrics.rows.labels(self.metrics.key(key.id)).inc(len(x))
         if degraded:
-            self.metrics.degraded.labels(key.id).inc(len(x))
+            self.metrics.degraded.labels(self.metrics.key(key.id)).inc(len(x))
         # a misinformed key is not told: its answers keep the tier's policy name
         policy_name = "degraded" if degraded else tier.policy_name
         digests = batch.keyed(self._answers_secret)
@@ -515,7 +515,7 @@ class Gateway:
         log.warning("extraction monitor flagged key %s (%s): %s", key.id, ", ".join(assessment.reasons), action)
         if action != "log":
             for reason in assessment.reasons or ("unspecified",):
-                self.metrics.alerts.labels(key.id, reason).inc()
+                self.metrics.alerts.labels(self.metrics.key(key.id), reason).inc()
         self.audit.write("alert", key=key.id, tier=tier.name, action=action, monitor=_assessment_dict(assessment))
         return True
 

@@ -103,6 +103,9 @@ class GatewayConfig(_Strict):
     """Altered answers kept per key for the verifier (oldest dropped first)."""
     metrics_public: bool = False
     """``GET /metrics`` without a key; otherwise it needs a key with the ``metrics`` scope."""
+    metrics_per_key: bool = True
+    """Per-key series (rows, quota refusals, alerts, degraded rows). Turn off for gateways with very
+    many keys: each key is a series in every scrape. The counts are then summed under ``key="*"``."""
     docs: bool = True
     monitor: MonitorSection = Field(default_factory=lambda: MonitorSection.model_validate({}))
     audit: AuditSection = Field(default_factory=lambda: AuditSection.model_validate({}))
