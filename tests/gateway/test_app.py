@@ -465,3 +465,25 @@ def test_requests_arriving_during_an_offloaded_flush_join_the_next(gateway: Gate
     assert [len(a.labels) for a in answers] == [1, 1, 1, 2, 2, 2, 2]
     for i, a in enumerate(answers[:3]):  # each its own rows' answer
         assert a.labels.tolist() == gateway.predict(key, _rows(1, seed=i)).labels.tolist()
+
+
+def test_the_key_table_is_refreshed_off_the_request_path(gateway_factory: Callable[..., Gateway]) -> None:
+    """With ``key_refresh_s > 0`` a thread keeps the cached key table fresh: a key made (or revoked)
+    elsewhere is known without any request reading the table, and within ``key_refresh_s``."""
+    import threading
+    import time
+
+    gw = gateway_factory(key_refresh_s=0.2)
+    gw.start()
+    _, token = gw.store.create("later")  # as `modelseal gateway key create` does from another process
+    key_id = token.split("_")[1]
+    deadline = time.monotonic() + 5
+    while key_id not in gw.store._cache:  # no authenticate call: only the thread can bring it in
+        assert time.monotonic() < deadline, "the refresher thread did not pick up the new key"
+        time.sleep(0.05)
+    assert gw.authenticate(token) is not None
+    gw.store.revoke(key_id)
+    time.sleep(0.25)  # key_refresh_s
+    assert gw.authenticate(token) is None  # revoked within key_refresh_s
+    gw.close()
+    assert not any(t.name == "gateway-keys" and t.is_alive() for t in threading.enumerate())

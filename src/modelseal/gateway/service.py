@@ -162,6 +162,7 @@ class Gateway:
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         self.audit.start()
+        self.store.start_refresher()
         if self._trace_thread is None:
             self._stop.clear()
             self._trace_thread = threading.Thread(target=self._write_traces, name="gateway-traces", daemon=True)
@@ -176,6 +177,7 @@ class Gateway:
             if thread is not None:
                 thread.join(10)
         self._trace_thread = self._monitor_thread = None
+        self.store.stop_refresher()
         self.audit.close()
         self.quota.close()
         self.store.dispose()

@@ -149,6 +149,8 @@ class KeyStore:
         self._cache_lock = threading.Lock()
         self._dummy = hmac.new(self._pepper, b"dummy", hashlib.sha256).digest()
         self._since_trim = 0
+        self._refresher: threading.Thread | None = None
+        self._refresher_stop = threading.Event()
 
     # -- schema ---------------------------------------------------------------------------------
     def migrate(self, revision: str = "head") -> None:
@@ -264,9 +266,33 @@ class KeyStore:
             return None
         return entry[1] if entry[1].active else None
 
-    def _refresh(self, now: float) -> None:
+    def start_refresher(self) -> None:
+        """Refresh the cached key table on a thread every ``refresh_s / 2``, so requests find it
+        fresh instead of reading the whole table on the event loop. A request still refreshes it
+        itself when the copy is older than ``refresh_s`` (the thread is behind or the database is
+        unreachable), so revocation still reaches the worker within ``refresh_s``."""
+        if self.refresh_s <= 0 or self._refresher is not None:
+            return
+        self._refresher_stop.clear()
+        self._refresher = threading.Thread(target=self._refresh_loop, name="gateway-keys", daemon=True)
+        self._refresher.start()
+
+    def stop_refresher(self) -> None:
+        self._refresher_stop.set()
+        if self._refresher is not None:
+            self._refresher.join(10)
+        self._refresher = None
+
+    def _refresh_loop(self) -> None:
+        while not self._refresher_stop.wait(self.refresh_s / 2):
+            # errors are left to the request path, which refreshes (and reports Unavailable) once
+            # the copy is older than refresh_s
+            with contextlib.suppress(Exception):
+                self._refresh(time.monotonic(), force=True)
+
+    def _refresh(self, now: float, *, force: bool = False) -> None:
         with self._cache_lock:
-            if now - self._cache_at <= self.refresh_s:
+            if not force and now - self._cache_at <= self.refresh_s:
                 return
             with self._tx() as conn:
                 rows = conn.execute(keys_table.select()).all()
