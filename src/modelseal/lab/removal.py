@@ -57,7 +57,10 @@ class RemovalConfig:
     train_epochs: int = 60
     families: tuple[tuple[str, int], ...] | None = None  # None: the library's default for the data
     embed_epochs: int = 100
-    embed_seeds: int = 5  # the accuracy cost of embedding is averaged over this many victims
+    # The accuracy cost of embedding is averaged over this many independently trained victims: one
+    # victim's cost moves in 0.44-point steps on breast-cancer's 228 held-out rows and spreads over
+    # 0-2.6 points between seeds, so a mean of 5 had a standard error near 0.5 points.
+    embed_seeds: int = 20
     embed_lr: float = 1e-3
     fingerprint_probes: int = 200
     finetune_fractions: tuple[float, ...] = (0.1, 0.3)
@@ -105,6 +108,7 @@ class VictimResult:
     watermarked_accuracy: float
     embed_cost: float  # mean over the embed_seeds victims (the first is the one attacked)
     embed_costs: list[float]
+    embed_cost_se: float  # standard error of that mean (0 with one victim)
     embedded_match_rate: float
     attacks: list[AttackResult] = field(default_factory=list)
     null: dict[str, Any] = field(default_factory=dict)
@@ -314,6 +318,7 @@ def _run_victim(
         watermarked_accuracy=marked_acc,
         embed_cost=float(np.mean(costs)),
         embed_costs=costs,
+        embed_cost_se=float(np.std(costs, ddof=1) / np.sqrt(len(costs))) if len(costs) > 1 else 0.0,
         embedded_match_rate=float(wm.embedded_match_rate or 0.0),
     )
     wm_cal = wm.calibrate(key, [TorchSuspect(m, name=n) for n, m in nulls])
@@ -429,9 +434,8 @@ def _targets(report: dict[str, Any], config: RemovalConfig) -> list[dict[str, An
                 "victim": label,
                 "target": "embedding costs <= 1 point of accuracy (held-out data, mean over victims)",
                 "met": v["embed_cost"] <= 0.01 + 1e-9,
-                "value": f"{100 * v['embed_cost']:+.2f} points ("
-                + ", ".join(f"{100 * c:+.2f}" for c in v["embed_costs"])
-                + ")",
+                "value": f"{100 * v['embed_cost']:+.2f} ± {100 * v['embed_cost_se']:.2f} points "
+                f"(mean ± standard error over {len(v['embed_costs'])} victims)",
             }
         )
         modifications = [a for a in v["attacks"] if not a["attack"].startswith("distill") and a["attack"] != "copy"]
@@ -595,8 +599,9 @@ def _markdown(report: dict[str, Any]) -> str:
             f"## {v['dataset']} / {v['arch']}",
             "",
             f"Clean accuracy {v['clean_accuracy']:.4f}, watermarked {v['watermarked_accuracy']:.4f} "
-            f"(embedding cost on all held-out data {100 * v['embed_cost']:+.2f} points, mean of "
-            f"{', '.join(f'{100 * c:+.2f}' for c in v['embed_costs'])} over independently trained victims); "
+            f"(embedding cost on all held-out data {100 * v['embed_cost']:+.2f} ± {100 * v['embed_cost_se']:.2f} "
+            f"points, mean ± standard error of {', '.join(f'{100 * c:+.2f}' for c in v['embed_costs'])} over "
+            f"{len(v['embed_costs'])} independently trained victims); "
             "the watermarked model answers "
             f"{v['embedded_match_rate']:.1%} of its triggers.",
             "",
