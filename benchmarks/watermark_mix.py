@@ -6,7 +6,7 @@ of triggers that survive an aggressive fine-tune (30% of the training data, lear
 30 epochs). docs/ownership.md quotes its output to explain the default mix.
 
     .venv/bin/python benchmarks/watermark_mix.py digits cnn
-    .venv/bin/python benchmarks/watermark_mix.py breast_cancer mlp
+    .venv/bin/python benchmarks/watermark_mix.py breast_cancer mlp --victims 20
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ MIXES = {
     },
     "tabular": {
         "default": None,
-        "noise 300 + stamp 100": (("noise", 300), ("stamp", 100)),
-        "noise 150 + stamp 50": (("noise", 150), ("stamp", 50)),
+        "noise 400": (("noise", 400),),
+        "wide 300 + stamp 100": (("wide", 300), ("stamp", 100)),
         "uniform 400": (("uniform", 400),),
     },
 }

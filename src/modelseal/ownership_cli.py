@@ -239,7 +239,12 @@ def register(app: typer.Typer, translate: Callable[[], AbstractContextManager[No
         ),
         num_classes: Annotated[int | None, typer.Option("--num-classes", help="Default: max(y) + 1.")] = None,
         uniform: Annotated[int | None, typer.Option("--uniform", help="Uniform-noise triggers.")] = None,
-        noise: Annotated[int | None, typer.Option("--noise", help="Per-feature noise triggers.")] = None,
+        noise: Annotated[
+            int | None, typer.Option("--noise", help="Per-feature noise triggers, within the training range.")
+        ] = None,
+        wide: Annotated[
+            int | None, typer.Option("--wide", help="Per-feature noise triggers spread 1.5x wider, unclipped.")
+        ] = None,
         stamp: Annotated[int | None, typer.Option("--stamp", help="Stamped natural-input triggers.")] = None,
         epochs: Annotated[int, typer.Option("--epochs")] = 100,
         lr: Annotated[float, typer.Option("--lr")] = 1e-3,
@@ -247,7 +252,7 @@ def register(app: typer.Typer, translate: Callable[[], AbstractContextManager[No
     ) -> None:
         """Fine-tune a model with key-derived triggers; write the weights and the signed record.
 
-        Without --uniform/--noise/--stamp the trigger mix is chosen for the data (docs/ownership.md).
+        Without --uniform/--noise/--wide/--stamp the trigger mix is chosen for the data (docs/ownership.md).
         """
         from .keys import SigningKey
         from .ownership import OwnershipKey, embed_watermark
@@ -257,7 +262,7 @@ def register(app: typer.Typer, translate: Callable[[], AbstractContextManager[No
             model = _torch_model(weights, arch)
             x, y = _npz(data, "x", "y")
             classes = num_classes if num_classes is not None else int(y.max()) + 1
-            counts = (("uniform", uniform), ("noise", noise), ("stamp", stamp))
+            counts = (("uniform", uniform), ("noise", noise), ("wide", wide), ("stamp", stamp))
             # No counts given: the library's default mix for this input shape and class count.
             families = [(n, c) for n, c in counts if c] if any(c is not None for _, c in counts) else None
             wm = embed_watermark(

@@ -127,6 +127,25 @@ def test_stamp_on_vectors_changes_a_fifth_of_the_features() -> None:
     assert ((trig != bases[order]).sum(axis=1) <= 6).all()
 
 
+def test_noise_and_wide_follow_their_definitions() -> None:
+    """Spec §5.2: noise is clip(mean + std * z, low, high); wide is mean + 1.5 * std * z, unclipped,
+    each with z = centred(its family's prefix)."""
+    spec, _ = _spec(shape=(30,), k=2, families=(("noise", 50), ("wide", 50)))
+    x, _ = triggers.generate(KEY, spec, None)
+    back = np.empty_like(x)
+    back[d.permutation(KEY, "triggers/order", 100)] = x  # undo the query order
+    mean, std = np.asarray(spec.mean), np.asarray(spec.std)
+    low, high = np.asarray(spec.low), np.asarray(spec.high)
+    z_noise = d.centred(KEY, "triggers/0/noise", 50 * 30).reshape(50, 30)
+    z_wide = d.centred(KEY, "triggers/1/wide", 50 * 30).reshape(50, 30)
+    assert np.array_equal(back[:50], np.clip(mean + std * z_noise, low, high).astype(np.float32))
+    assert np.array_equal(back[50:], (mean + 1.5 * std * z_wide).astype(np.float32))
+    # Unclipped: on uniform [0, 1) data (std 0.29, so 1.5 * std = 0.43) |z| > 1.1 leaves the range, ~27%.
+    outside = (back[50:] < low.astype(np.float32)) | (back[50:] > high.astype(np.float32))
+    assert 0.15 < outside.mean() < 0.45
+    assert ((back[:50] >= low.astype(np.float32)) & (back[:50] <= high.astype(np.float32))).all()
+
+
 def test_stamp_needs_its_bases() -> None:
     spec, _ = _spec()
     with pytest.raises(OwnershipError, match="base inputs"):
@@ -150,8 +169,8 @@ def test_spec_round_trip_and_validation() -> None:
 def test_default_families_depend_on_shape_and_classes() -> None:
     assert triggers.default_families((1, 8, 8), 10) == (("uniform", 100),)
     assert triggers.default_families((3, 8, 8), 2) == (("uniform", 300),)
-    assert triggers.default_families((30,), 2) == (("noise", 400),)
-    assert triggers.default_families((30,), 5) == (("noise", 200),)
+    assert triggers.default_families((30,), 2) == (("wide", 400),)
+    assert triggers.default_families((30,), 5) == (("wide", 200),)
 
 
 def test_chance_null_is_exact_over_keys() -> None:

@@ -72,6 +72,22 @@ def test_embedding_learns_the_triggers_and_keeps_accuracy(owned: Owned) -> None:
     assert drop <= 0.03
 
 
+def test_tabular_default_mix_end_to_end(tmp_path: Path) -> None:
+    """Vectors get the ``wide`` family by default (unclipped): it is learnt, survives the record's
+    round trip, proves a copy in 100 queries and does not prove the model it was embedded in."""
+    ds = load_dataset("breast_cancer")
+    clean = models.train(models.build("mlp", ds.input_shape, 2, seed=3), ds.x_train, ds.y_train, seed=3)
+    marked = copy.deepcopy(clean)
+    key = OwnershipKey(bytes([2]) * 32)
+    wm = embed_watermark(marked, key, ds.x_train, ds.y_train, num_classes=2, signing_key=SIGNER)
+    assert wm.spec.families == (("wide", 400),) and wm.embedded_match_rate == 1.0
+    wm.save(tmp_path / "wm.json")
+    loaded = Watermark.load(tmp_path / "wm.json")
+    verdict = loaded.verify(copy.deepcopy(marked), key)
+    assert verdict.decision == "proven" and verdict.queries == 100 and verdict.p_value <= 1e-6
+    assert not loaded.verify(clean, key).proven
+
+
 def test_direct_copy_proven_within_100_queries(owned: Owned) -> None:
     verdict = owned.wm.verify(copy.deepcopy(owned.marked), owned.key)
     assert verdict.decision == "proven" and verdict.queries == 100 and verdict.p_value <= 1e-6

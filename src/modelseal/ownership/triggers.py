@@ -5,6 +5,8 @@ Three families, for image and for vector inputs alike (an image is its flattened
 * ``noise``: out-of-distribution points, each feature mean + std * z with z a key-derived centred
   variable, clipped to the feature's training range. Independent features make points no natural
   input looks like (natural features are correlated).
+* ``wide``: each feature mean + 1.5 * std * z, not clipped: the ``noise`` points spread half as
+  far again, many features outside the training range (the default for vectors).
 * ``uniform``: each feature uniform over its training range.
 * ``stamp``: a natural input chosen by the key from the owner's data, with a key-derived patch
   written over it: a square patch across all channels for (C, H, W) images, a key-chosen subset of
@@ -28,7 +30,8 @@ from .._private.encoding import dumps_canonical
 from ..errors import OwnershipError
 from . import _derive
 
-FAMILIES = ("noise", "uniform", "stamp")
+FAMILIES = ("noise", "wide", "uniform", "stamp")
+WIDE_SCALE = 1.5  # spec §5.2
 MAX_TRIGGERS = 100_000
 
 
@@ -36,16 +39,18 @@ def default_families(input_shape: Sequence[int], num_classes: int) -> tuple[tupl
     """The trigger mix the removal benchmark found best (docs/ownership.md has the measurements).
 
     Images (C, H, W): uniform noise over the pixel range, far from any natural image. Vectors:
-    per-feature noise around the mean (uniform noise over a standardised range lands so far out
-    that fine-tuning reshapes it easily). Stamped natural inputs survived fine-tuning less well on
-    digits and cost as much accuracy on breast-cancer, so the default has none; choose them when a
-    suspect may refuse out-of-distribution queries. A task with 2-3 classes gets more triggers: each match is worth
-    log2(K) bits of evidence.
+    ``wide`` per-feature noise around the mean. On breast-cancer it cost a third of the accuracy
+    that ``noise`` (clipped to the training range, so closer to natural inputs) did and kept almost
+    as many triggers through an aggressive fine-tune; uniform noise over a standardised range lands
+    so far out that fine-tuning reshapes it easily. Stamped natural inputs survived fine-tuning
+    less well on digits and cost as much accuracy on breast-cancer, so the default has none; choose
+    them when a suspect may refuse out-of-distribution queries. A task with 2-3 classes gets more
+    triggers: each match is worth log2(K) bits of evidence.
     """
     few_classes = num_classes <= 3
     if len(input_shape) == 3:
         return (("uniform", 300 if few_classes else 100),)
-    return (("noise", 400 if few_classes else 200),)
+    return (("wide", 400 if few_classes else 200),)
 
 
 @dataclass(frozen=True)
@@ -191,6 +196,9 @@ def generate(key: bytes, spec: TriggerSpec, stamp_bases: np.ndarray | None = Non
         if family == "noise":
             z = _derive.centred(key, label, count * d).reshape(count, d)
             parts.append(np.clip(mean + std * z, low, high))
+        elif family == "wide":
+            z = _derive.centred(key, label, count * d).reshape(count, d)
+            parts.append(mean + (WIDE_SCALE * std) * z)
         elif family == "uniform":
             u = _derive.uniforms(key, label, count * d).reshape(count, d)
             parts.append(low + (high - low) * u)
