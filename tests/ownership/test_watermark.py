@@ -80,7 +80,7 @@ def test_tabular_default_mix_end_to_end(tmp_path: Path) -> None:
     marked = copy.deepcopy(clean)
     key = OwnershipKey(bytes([2]) * 32)
     wm = embed_watermark(marked, key, ds.x_train, ds.y_train, num_classes=2, signing_key=SIGNER)
-    assert wm.spec.families == (("wide", 400),) and wm.embedded_match_rate == 1.0
+    assert wm.spec.families == (("wide", 400),) and (wm.embedded_match_rate or 0.0) >= 0.99
     wm.save(tmp_path / "wm.json")
     loaded = Watermark.load(tmp_path / "wm.json")
     verdict = loaded.verify(copy.deepcopy(marked), key)

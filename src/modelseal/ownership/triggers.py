@@ -1,6 +1,6 @@
 """Canary triggers derived from the ownership key (spec §5).
 
-Three families, for image and for vector inputs alike (an image is its flattened features):
+Four families, for image and for vector inputs alike (an image is its flattened features):
 
 * ``noise``: out-of-distribution points, each feature mean + std * z with z a key-derived centred
   variable, clipped to the feature's training range. Independent features make points no natural
@@ -39,9 +39,9 @@ def default_families(input_shape: Sequence[int], num_classes: int) -> tuple[tupl
     """The trigger mix the removal benchmark found best (docs/ownership.md has the measurements).
 
     Images (C, H, W): uniform noise over the pixel range, far from any natural image. Vectors:
-    ``wide`` per-feature noise around the mean. On breast-cancer it cost a third of the accuracy
-    that ``noise`` (clipped to the training range, so closer to natural inputs) did and kept almost
-    as many triggers through an aggressive fine-tune; uniform noise over a standardised range lands
+    ``wide`` per-feature noise around the mean. On breast-cancer it cost less accuracy than
+    ``noise`` (clipped to the training range, so closer to natural inputs) on the same victims and
+    kept almost as many triggers through an aggressive fine-tune; uniform noise over a standardised range lands
     so far out that fine-tuning reshapes it easily. Stamped natural inputs survived fine-tuning
     less well on digits and cost as much accuracy on breast-cancer, so the default has none; choose
     them when a suspect may refuse out-of-distribution queries. A task with 2-3 classes gets more
