@@ -58,8 +58,8 @@ class RemovalConfig:
     families: tuple[tuple[str, int], ...] | None = None  # None: the library's default for the data
     embed_epochs: int = 100
     # The accuracy cost of embedding is averaged over this many independently trained victims: one
-    # victim's cost moves in 0.44-point steps on breast-cancer's 228 held-out rows and spreads over
-    # 0-2.6 points between seeds, so a mean of 5 had a standard error near 0.5 points.
+    # victim's cost moves in 0.44-point steps on breast-cancer's 228 held-out rows and its standard
+    # deviation between seeds is about 1 point, so a mean of 5 has a standard error near 0.5.
     embed_seeds: int = 20
     embed_lr: float = 1e-3
     fingerprint_probes: int = 200
